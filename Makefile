@@ -1,0 +1,20 @@
+# The README's two commands: `make repro` (the main job) and `make test`. Both run the idempotent set-up.
+VENV ?= .venv
+export HF_HUB_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup repro test smoke bench
+
+setup:
+	VENV=$(VENV) bash scripts/setup.sh
+
+repro: setup          ## dvc repro on the default profile
+	dvc repro
+
+test: setup           ## the test suite (includes a smoke-profile dvc repro in a temporary copy)
+	pytest -q
+
+bench: setup          ## benchmarks -> results/bench/*.json
+	python benchmarks/data_bench.py

@@ -1,0 +1,1 @@
+"""Corpora: loaders and splits that turn source files into manifest rows."""
