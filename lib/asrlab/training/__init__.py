@@ -1,0 +1,1 @@
+"""The one trainer every study uses, its batching and its checkpoints."""

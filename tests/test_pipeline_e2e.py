@@ -1,0 +1,80 @@
+"""End to end: the data stages under `dvc repro` on the smoke profile, in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
+BIN = Path(sys.executable).parent
+
+pytestmark = [pytest.mark.slow, pytest.mark.tts]
+
+
+def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def smoke_repo(tmp_path_factory) -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    repo = tmp_path_factory.mktemp("repo")
+    for name in ("dvc.yaml", "params.yaml", "experiments", "lib"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
+    run(["git", "init", "-q"], repo)
+    run(["dvc", "init", "-q"], repo)
+    run(["asrlab", "profile", "smoke"], repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    # The data path is a param: point it at the shared data from wherever the copy lives.
+    params["prepare"]["slurp"]["text_dir"] = str(SHARED_DATA / "slurp")
+    params["prepare"]["slurp"]["lm_text"] = str(SHARED_DATA / "slurp" / "lm.txt")
+    params["prepare"]["speechocean"]["dir"] = str(SHARED_DATA / "speechocean762")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "repro"], repo)
+    return repo
+
+
+def test_smoke_repro_produces_manifests_features_and_stats(smoke_repo: Path):
+    stats = json.loads((smoke_repo / "results/data/stats.json").read_text())
+    assert stats["slurp"]["sentences"] == 5007
+    assert set(stats["slurp"]["per_split"]) == {"train", "dev", "test"}
+    assert stats["tagger"]["dev_accuracy"] > 0.6
+    assert stats["recordings"] == {"speechocean762/test": 20, "speechocean762/train": 20}
+
+    render = json.loads((smoke_repo / "results/data/render.json").read_text())
+    assert render["rejects"] == 0
+    assert set(render["sets"]) == {"slurp", "general"}
+    pools = {k.split("/")[0] for k in render["sets"]["slurp"]}
+    assert pools == {"synthetic", "real_proxy", "accents"}
+    assert render["utterances"] == 60 * 3 + 40 * 2
+
+    feats = json.loads((smoke_repo / "results/data/features.json").read_text())
+    assert feats["utterances"] == render["utterances"] + 40  # + speechocean762
+    assert feats["rejects"] == 0
+    index = [json.loads(line) for line in (smoke_repo / "data/features/index.jsonl").read_text().splitlines()]
+    assert {r["pool"] for r in index} == {"synthetic", "real_proxy", "accents", "speechocean762"}
+    for r in index:
+        assert r["frames"] > 0 and (smoke_repo / "data/features" / r["shard"]).is_file()
+        assert {"id", "text", "split", "corpus", "speaker", "accent"} <= set(r)
+
+
+def test_second_repro_is_a_noop(smoke_repo: Path):
+    proc = run(["dvc", "repro"], smoke_repo)
+    out = proc.stdout + proc.stderr
+    assert "Running stage" not in out, out
+    status = run(["dvc", "status"], smoke_repo)
+    assert "up to date" in status.stdout.lower(), status.stdout
