@@ -45,6 +45,7 @@ def to_mono_16k(audio: np.ndarray, sr: int) -> np.ndarray:
 class EspeakEngine:
     name = "espeak"
     voice_prefix = "en"
+    voice_hint = "an English espeak-ng voice such as 'en-us' or 'en-us+f3'"
 
     def __init__(self, binary: str = "espeak-ng"):
         self.binary = binary
@@ -59,8 +60,7 @@ class EspeakEngine:
 
     def _check_voice(self, voice: str) -> None:
         if not voice.startswith(self.voice_prefix):
-            raise ValueError(f"unknown {self.name} voice {voice!r}: expected an English espeak-ng voice "
-                             "such as 'en-us' or 'en-us+f3'")
+            raise ValueError(f"unknown {self.name} voice {voice!r}: expected {self.voice_hint}")
 
     def synthesize(self, text: str, voice: str, rate: int = 175, pitch: int = 50) -> np.ndarray:
         cmd = [self.binary, "-v", voice, "-s", str(int(rate)), "-p", str(int(pitch)), "--stdout", text]
@@ -80,6 +80,7 @@ class EspeakEngine:
 class MbrolaEngine(EspeakEngine):
     name = "mbrola"
     voice_prefix = "mb-"
+    voice_hint = "an MBROLA voice such as 'mb-us1' or 'mb-de2-en'"
 
     def check(self, voices: list[str]) -> None:
         super().check(voices)

@@ -106,18 +106,33 @@ def load_official(root: str | Path, rejects: list[dict]) -> tuple[list[dict], li
     root = require_dir(root, "official SLURP", "prepare.slurp.official_root")
     ds = require_dir(root / "dataset" / "slurp", "official SLURP dataset/slurp", "prepare.slurp.official_root")
     sentences, recordings = [], []
+    speakers = _speakers(ds)
     for fname, split in OFFICIAL_SPLITS.items():
         for r in read_labelled(ds / f"{fname}.jsonl", rejects):
             sentences.append({**r, "split": split})
-            recordings += _recording_rows(r, split, root / "audio" / "slurp_real", "slurp_real", rejects)
+            recordings += _recording_rows(r, split, root / "audio" / "slurp_real", "slurp_real", rejects, speakers)
     synth = ds / "train_synthetic.jsonl"
     if synth.is_file():
         for r in read_labelled(synth, rejects):
-            recordings += _recording_rows(r, "train", root / "audio" / "slurp_synth", "slurp_synth", rejects)
+            recordings += _recording_rows(r, "train", root / "audio" / "slurp_synth", "slurp_synth", rejects, speakers)
     return sentences, recordings
 
 
-def _recording_rows(row: dict, split: str, audio_dir: Path, pool: str, rejects: list[dict]) -> list[dict]:
+def _speakers(ds: Path) -> dict[str, str]:
+    """Recording file -> speaker (``usrid``) from the official ``metadata.json``; empty when it is absent.
+
+    SLURP file names (``audio-1434542201-headset.flac``) carry a timestamp, not a speaker.
+    """
+    meta = ds / "metadata.json"
+    if not meta.is_file():
+        return {}
+    with open(meta) as f:
+        return {fname: rec.get("usrid") for entry in json.load(f).values()
+                for fname, rec in (entry.get("recordings") or {}).items()}
+
+
+def _recording_rows(row: dict, split: str, audio_dir: Path, pool: str, rejects: list[dict],
+                    speakers: dict[str, str] | None = None) -> list[dict]:
     out = []
     for fname in row["recordings"]:
         path = audio_dir / fname
@@ -126,7 +141,7 @@ def _recording_rows(row: dict, split: str, audio_dir: Path, pool: str, rejects: 
             rejects.append({"id": rid, "source": str(path), "reason": "recording listed but file missing"})
             continue
         out.append({"id": rid, "text": row["text"], "scenario": row["scenario"], "accent": "native",
-                    "split": split, "corpus": "slurp", "pool": pool, "speaker": Path(fname).stem.split("-")[0],
+                    "split": split, "corpus": "slurp", "pool": pool, "speaker": (speakers or {}).get(fname),
                     "audio": str(path)})
     return out
 

@@ -14,7 +14,8 @@ from asrlab.text import TranscriptError, normalize_transcript
 SPLITS = {"train": "train", "test": "test"}
 
 
-def read_kaldi_map(path: Path) -> dict[str, str]:
+def read_kaldi_map(path: Path, allow_empty: bool = False) -> dict[str, str]:
+    """``<key> <value>`` lines; with ``allow_empty`` a bare key maps to "" (Kaldi's empty transcript)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing Kaldi list; speechocean762 needs text, wav.scp, utt2spk, "
                                 "spk2gender and spk2age in each split folder")
@@ -24,6 +25,8 @@ def read_kaldi_map(path: Path) -> dict[str, str]:
             if not line.strip():
                 continue
             parts = line.strip().split(maxsplit=1)
+            if len(parts) == 1 and allow_empty:
+                parts.append("")
             if len(parts) != 2:
                 raise ValueError(f"{path}:{lineno}: expected '<key> <value>', got {line.strip()!r}")
             out[parts[0]] = parts[1]
@@ -42,7 +45,8 @@ def load_speechocean(root: str | Path, rejects: list[dict], max_per_split: int |
     rows = []
     for folder, split in SPLITS.items():
         d = root / folder
-        text, wav, utt2spk = (read_kaldi_map(d / n) for n in ("text", "wav.scp", "utt2spk"))
+        text = read_kaldi_map(d / "text", allow_empty=True)  # an empty transcript is a reject, not a crash
+        wav, utt2spk = (read_kaldi_map(d / n) for n in ("wav.scp", "utt2spk"))
         gender, age = _by_int(read_kaldi_map(d / "spk2gender")), _by_int(read_kaldi_map(d / "spk2age"))
         n = 0
         for utt in sorted(text):

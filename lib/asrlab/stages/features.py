@@ -48,7 +48,11 @@ def run(params: dict) -> dict:
     t0 = time.time()
     manifests = Path(params["render"]["out_dir"])
     out = Path(p["out_dir"])
+    if not manifests.is_dir():
+        raise FileNotFoundError(f"{manifests.resolve()}: no manifests; run `dvc repro render` first or set "
+                                "`render.out_dir` in params.yaml")
     out.mkdir(parents=True, exist_ok=True)
+    (out / "index.jsonl").unlink(missing_ok=True)  # no index may point at shards that are about to go
     for old in out.glob("shard-*.safetensors"):  # a rerun rewrites every shard
         old.unlink()
     rows = [r for m in sorted(manifests.glob("*.jsonl")) if m.name != "rejects.jsonl" for r in read_jsonl(m)]

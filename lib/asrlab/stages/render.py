@@ -116,6 +116,8 @@ def run(params: dict) -> dict:
                                       for r in rows]
     for name, pool in pools.items():  # fail fast, before any work, when an engine or a voice is missing
         get_engine(pool["engine"]).check(sorted(voices[name]))
+        if pool.get("channel"):  # a bad channel param would otherwise stop the run midway, inside a worker
+            channel_mod.ChannelConfig.from_params(pool["channel"])
 
     jobs = [j for js in jobs_by_set.values() for j in js]
     results: dict[str, dict] = {}
