@@ -12,7 +12,12 @@ import yaml
 
 from asrlab.params import deep_merge, load_params
 
-STAGES = ("prepare", "render", "features")
+STAGES = {  # command -> (module, function)
+    "prepare": ("prepare", "run"), "render": ("render", "run"), "features": ("features", "run"),
+    "tokenizer": ("tokenizer", "run"), "pretrain_aed": ("pretrain", "pretrain_aed"),
+    "pretrain_lm": ("pretrain", "pretrain_lm"), "pretrain_llm_asr": ("pretrain", "pretrain_llm_asr"),
+    "eval_base": ("eval_base", "run"),
+}
 
 
 def _profile(args) -> None:
@@ -32,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
     for stage in STAGES:
-        mod = importlib.import_module(f"asrlab.stages.{stage}")
-        sub.add_parser(stage, help=(mod.__doc__ or "").strip().splitlines()[0])
+        sub.add_parser(stage, help=f"run the `{stage}` stage of dvc.yaml")
     prof = sub.add_parser("profile", help="merge a profile's overrides into a params file")
     prof.add_argument("name")
     prof.add_argument("--profiles-dir", default="experiments/profiles")
@@ -44,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         _profile(args)
         return 0
     try:
-        importlib.import_module(f"asrlab.stages.{args.command}").run(load_params(args.params))
+        module, function = STAGES[args.command]
+        os.environ.setdefault("ASRLAB_STAGE", args.command)  # MLflow runs record the DVC stage
+        getattr(importlib.import_module(f"asrlab.stages.{module}"), function)(load_params(args.params))
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         print(f"asrlab {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from asrlab.training.batching import bucket_batches, pad_features, pad_labels
+from asrlab.models.batch import pad_features
+from asrlab.training.batching import bucket_batches
 from asrlab.training.trainer import TrainConfig, apply_freezing
 
 SCRIPT = Path(__file__).with_name("tiny_train.py")
@@ -47,12 +48,6 @@ def test_bucket_batches_reject_overlong_and_empty():
         bucket_batches([], max_frames=100, seed=0, epoch=0)
     with pytest.raises(ValueError, match="empty batch"):
         pad_features([])
-
-
-def test_padding_helpers():
-    x, lens = pad_features([torch.ones(3, 80), torch.ones(5, 80)])
-    assert x.shape == (2, 80, 5) and lens.tolist() == [3, 5] and x[0, :, 3:].abs().sum() == 0
-    assert pad_labels([[1, 2], [3]]).tolist() == [[1, 2], [3, -100]]
 
 
 def test_freezing_by_pattern_reports_trainable():

@@ -9,7 +9,7 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from asrlab.training.batching import pad_features
+from asrlab.models.batch import pad_features
 from asrlab.training.trainer import TrainConfig, distributed, train
 
 
@@ -20,9 +20,9 @@ class TinyClassifier(torch.nn.Module):
         self.drop = torch.nn.Dropout(0.2)
         self.head = torch.nn.Linear(32, 4)
 
-    def forward(self, input_features, feature_lengths, labels, poison=None):
-        mask = (torch.arange(input_features.shape[-1])[None] < feature_lengths[:, None]).float()
-        pooled = (input_features * mask[:, None]).sum(-1) / feature_lengths[:, None]
+    def forward(self, features, feature_lengths, labels, poison=None):
+        mask = (torch.arange(features.shape[-1])[None] < feature_lengths[:, None]).float()
+        pooled = (features * mask[:, None]).sum(-1) / feature_lengths[:, None]
         logits = self.head(self.drop(torch.tanh(self.proj(pooled))))
         loss = torch.nn.functional.cross_entropy(logits, labels)
         if poison is not None and bool(poison.any()):
@@ -56,7 +56,7 @@ def main():
         x, lens = pad_features([feats[i] for i in idx])
         calls["n"] += 1
         poison = torch.tensor([calls["n"] in a.nan_at])
-        return {"input_features": x, "feature_lengths": lens, "labels": labels[idx], "poison": poison}
+        return {"features": x, "feature_lengths": lens, "labels": labels[idx], "poison": poison}
 
     torch.manual_seed(0)
     model = TinyClassifier()

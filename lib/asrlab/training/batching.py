@@ -1,4 +1,4 @@
-"""Batches bucketed by length under a max-frames budget, padding collation and SpecAugment.
+"""Batches bucketed by length under a max-frames budget, and SpecAugment (padding: asrlab.models.batch).
 
 Batches are a pure function of (lengths, budget, seed, epoch): a resumed or distributed run sees exactly the
 batches an uninterrupted single-process run would, so "data position" is just (epoch, batch index).
@@ -36,24 +36,6 @@ def bucket_batches(lengths: list[int], max_frames: int, seed: int, epoch: int, m
     batches.append(cur)
     rng.shuffle(batches)
     return batches
-
-
-def pad_features(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T_i, n_mels) tensors -> (B, n_mels, T_max) zero-padded, and the lengths."""
-    if not feats:
-        raise ValueError("empty batch: no utterances to collate")
-    lengths = torch.tensor([f.shape[0] for f in feats])
-    out = feats[0].new_zeros(len(feats), feats[0].shape[1], int(lengths.max()))
-    for i, f in enumerate(feats):
-        out[i, :, : f.shape[0]] = f.T
-    return out, lengths
-
-
-def pad_labels(seqs: list[list[int]], pad: int = -100) -> torch.Tensor:
-    out = torch.full((len(seqs), max(map(len, seqs), default=0)), pad, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
 
 
 def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, freq_masks: int = 2, freq_width: int = 15,

@@ -2,7 +2,7 @@
 frame budget, optional SpecAugment, freezing by name pattern, atomic resumable checkpoints, NaN/inf guards,
 and DDP under ``torchrun`` (gloo on CPU, nccl on GPU) with no change to the calling code.
 
-The model is any ``nn.Module`` whose ``forward(**batch)`` returns a mapping (or ModelOutput) with ``loss``.
+The model is any ``nn.Module`` whose ``forward(**batch)`` returns an object or mapping with ``loss``.
 Batches come from ``collate(indices) -> dict of tensors``; which utterances go together is decided by
 :func:`asrlab.training.batching.bucket_batches` from their lengths alone, so a resumed run, or a run over
 N processes, sees the same batches in the same order.
@@ -15,7 +15,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -144,9 +144,10 @@ def train(model: torch.nn.Module, lengths: list[int], collate: Callable[[list[in
         batch = collate(batches[state["batch"]])
         state["batch"] += 1
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if cfg.specaugment and "input_features" in batch:
-            spec_augment(batch["input_features"], batch["feature_lengths"], **cfg.specaugment)
-        loss = ddp(**batch)["loss"]
+        if cfg.specaugment and "features" in batch:
+            spec_augment(batch["features"], batch["feature_lengths"], **cfg.specaugment)
+        out = ddp(**batch)
+        loss = out["loss"] if isinstance(out, Mapping) else out.loss
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         bad = torch.tensor([float(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))])
