@@ -5,7 +5,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test smoke bench
+.PHONY: setup repro test bench mlflow-ui
 
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
@@ -18,3 +18,6 @@ test: setup           ## the test suite (includes a smoke-profile dvc repro in a
 
 bench: setup          ## benchmarks -> results/bench/*.json
 	python benchmarks/data_bench.py
+
+mlflow-ui: setup      ## browse every run: http://127.0.0.1:5000
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -1,4 +1,4 @@
-"""End to end: the data stages under `dvc repro` on the smoke profile, in a temporary copy of the repository."""
+"""End to end: the whole pipeline under `dvc repro` on the smoke profile, in a temporary copy of the repository."""
 
 from __future__ import annotations
 
@@ -70,6 +70,28 @@ def test_smoke_repro_produces_manifests_features_and_stats(smoke_repo: Path):
     for r in index:
         assert r["frames"] > 0 and (smoke_repo / "data/features" / r["shard"]).is_file()
         assert {"id", "text", "split", "corpus", "speaker", "accent"} <= set(r)
+
+
+def test_smoke_repro_trains_and_scores_the_base_models(smoke_repo: Path):
+    import mlflow
+
+    for stage in ("pretrain_aed", "pretrain_lm", "pretrain_llm_asr"):
+        summary = json.loads((smoke_repo / f"results/base/{stage}.json").read_text())
+        assert summary["steps"] == 6 and summary["skipped_steps"] == 0
+    for model in ("base_aed", "base_lm", "base_llm_asr"):
+        assert (smoke_repo / "models" / model / "asrlab_model.json").is_file()
+    metrics = json.loads((smoke_repo / "results/base/metrics.json").read_text())
+    expected = {f"aed-{s}-{d}" for s in ("slurp_synthetic", "slurp_real_proxy", "speechocean762")
+                for d in ("attention", "ctc")} | {f"llm_asr-{s}-attention" for s in
+                                                  ("slurp_synthetic", "slurp_real_proxy", "speechocean762")}
+    assert set(metrics) == expected
+    assert all(m["utterances"] == 8 and m["cer"] >= 0 for m in metrics.values())
+    assert (smoke_repo / "results/base/hyps/aed-slurp_real_proxy-attention.tsv").is_file()
+    mlflow.set_tracking_uri(f"sqlite:///{smoke_repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["base_eval"])
+    assert len(runs) == len(expected) and set(runs["status"]) == {"FINISHED"}
+    assert set(runs["tags.dvc_stage"]) == {"eval_base"}
+    assert "metrics.scenario/alarm/wer" in runs.columns or "metrics.pool/synthetic/wer" in runs.columns
 
 
 def test_second_repro_is_a_noop(smoke_repo: Path):

@@ -18,6 +18,7 @@ def transcribe(model: torch.nn.Module, data, tokenizer, max_frames: int = 60000,
     """
     if method not in ("attention", "ctc"):
         raise ValueError(f"unknown decoding method {method!r}: 'attention' or 'ctc'")
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     hyps: list[str | None] = [None] * len(data)
@@ -34,4 +35,5 @@ def transcribe(model: torch.nn.Module, data, tokenizer, max_frames: int = 60000,
             for i, seq in zip(idx, ids):
                 hyps[i] = decode(tokenizer, seq)
             bar.update(len(idx))
+    model.train(was_training)
     return hyps  # type: ignore[return-value]

@@ -13,6 +13,7 @@ interruption, logs the training curve and a dev evaluation to MLflow, and writes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -31,7 +32,7 @@ from asrlab.models.aed import AEDModel
 from asrlab.models.batch import pad_tokens
 from asrlab.tokenizer import encode, load_tokenizer
 from asrlab.training.data import SpeechData, select
-from asrlab.training.trainer import TrainConfig, train
+from asrlab.training.trainer import TrainConfig, distributed, train
 
 
 def _ckpt_dir(params: dict, stage: str) -> Path:
@@ -45,6 +46,16 @@ def _setup(p: dict) -> None:
     """Threads, and the seed *before* any model is built, so random initialisation is reproducible."""
     torch.set_num_threads(int(os.environ.get("ASRLAB_THREADS", os.cpu_count() or 1)))
     torch.manual_seed(p["train"].get("seed", 0))
+
+
+def _tracked(stage: str, params: dict, tags: dict):
+    """An MLflow run on rank 0; under torchrun the other ranks only train."""
+    rank, _ = distributed()
+    return tracking.run("base", stage, params=params, tags=tags) if rank == 0 else contextlib.nullcontext()
+
+
+def _is_main() -> bool:
+    return distributed()[0] == 0
 
 
 def _log(step: int, metrics: dict) -> None:
@@ -94,10 +105,11 @@ def pretrain_aed(params: dict) -> dict:
     model = AEDModel.from_pretrained(p["init_from"]) if p.get("init_from") else AEDModel.from_config(cfg)
     max_frames = 2 * model.config.max_source_positions
     train_data, dev = _speech(params, stage, tok, max_frames, model.config.max_target_positions - 2)
-    with tracking.run("base", stage, params={**p["train"], **{f"model.{k}": v for k, v in p["model"].items()}},
-                      tags={"model_kind": "aed"}):
+    with _tracked(stage, {**p["train"], **{f"model.{k}": v for k, v in p["model"].items()}}, {"model_kind": "aed"}):
         summary = train(model, train_data.lengths, train_data.collate, TrainConfig.from_params(p["train"]),
                         _ckpt_dir(params, stage), on_log=_log, desc=stage)
+        if not _is_main():
+            return summary
         summary.update(train_utterances=len(train_data), train_hours=round(sum(train_data.lengths) / 360000, 2))
         summary.update(_dev_eval(model, dev, tok, ["attention", "ctc"]))
         return _finish(params, stage, model, "aed", cfg, summary, t0)
@@ -141,9 +153,11 @@ def pretrain_lm(params: dict) -> dict:
         toks, lens = pad_tokens([texts[i] for i in idx], cfg.pad_id)
         return {"tokens": toks, "token_lengths": lens}
 
-    with tracking.run("base", stage, params=p["train"], tags={"model_kind": "lm"}):
+    with _tracked(stage, p["train"], {"model_kind": "lm"}):
         summary = train(objective, [len(t) + 2 for t in texts], collate, TrainConfig.from_params(p["train"]),
                         _ckpt_dir(params, stage), on_log=_log, desc=stage)
+        if not _is_main():
+            return summary
         summary["train_sentences"] = len(texts)
         return _finish(params, stage, lm, "lm", None, summary, t0)
 
@@ -155,11 +169,12 @@ def pretrain_llm_asr(params: dict) -> dict:
     cfg = store.llm_asr_config(p["model"], len(tok), lm_path=p.get("lm_from"))
     model = store.build_llm_asr(cfg, encoder_from=p.get("encoder_from"))
     train_data, dev = _speech(params, stage, tok, model.encoder.max_frames, p["max_tokens"])
-    with tracking.run("base", stage, params={**p["train"], "encoder_from": p.get("encoder_from"),
-                                             "lm_from": p.get("lm_from"), "lora": json.dumps(p["model"].get("lora"))},
-                      tags={"model_kind": "llm_asr"}):
+    with _tracked(stage, {**p["train"], "encoder_from": p.get("encoder_from"), "lm_from": p.get("lm_from"),
+                          "lora": json.dumps(p["model"].get("lora"))}, {"model_kind": "llm_asr"}):
         summary = train(model, train_data.lengths, train_data.collate, TrainConfig.from_params(p["train"]),
                         _ckpt_dir(params, stage), on_log=_log, desc=stage)
+        if not _is_main():
+            return summary
         summary.update(train_utterances=len(train_data))
         summary.update(_dev_eval(model, dev, tok, ["attention"]))
         return _finish(params, stage, model, "llm_asr", cfg, summary, t0)
