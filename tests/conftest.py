@@ -8,6 +8,7 @@ stage writes goes into ``tmp_path``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -136,3 +137,14 @@ def make_params(tmp_path, slurp_dir, so762_dir):
         return params
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking_uri():
+    """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI; keep one test's store from leaking."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved

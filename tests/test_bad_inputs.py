@@ -159,7 +159,7 @@ def test_missing_tts_engine_says_how_to_install(make_params, monkeypatch, missin
     real_which = tts.shutil.which
     monkeypatch.setattr(tts.shutil, "which", lambda name: None if name == missing else real_which(name) or "/bin/x")
     monkeypatch.setattr(tts, "MBROLA_DIRS", (Path("/"),))  # voice databases need not exist for this test
-    monkeypatch.setattr(tts.MbrolaEngine, "_check_voice", tts.EspeakEngine._check_voice)
+    monkeypatch.setattr(tts.MbrolaEngine, "_check_voice", tts.EspeakEngine._check_prefix)
     params = _render_params(make_params, slurp={"source": "slurp", "pools": ["synthetic", "real_proxy"]})
     with pytest.raises(EngineUnavailable, match=rf"{missing} not found on PATH.*setup-system\.sh"):
         render.run(params)

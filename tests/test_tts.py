@@ -67,6 +67,14 @@ def test_voice_of_the_wrong_kind(engine, voice, hint):
 
 
 @pytest.mark.tts
+@pytest.mark.parametrize("voice, what", [("en-zz", "no voice 'en-zz'"), ("en-us+zz", "no variant 'zz'")])
+def test_made_up_espeak_voice_is_caught_although_espeak_would_fall_back(voice, what):
+    get_engine("espeak").check(["en-us", "en-us+m1", "en-us+f4"])  # the project's voices pass
+    with pytest.raises(ValueError, match=re.escape(what)):
+        get_engine("espeak").check([voice])
+
+
+@pytest.mark.tts
 def test_uninstalled_mbrola_voice_says_what_to_install():
     with pytest.raises(EngineUnavailable, match=r"'zz9'.*mbrola-zz9"):
         get_engine("mbrola").check(["mb-us1", "mb-zz9-en"])

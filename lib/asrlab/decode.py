@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from asrlab.text import chars_to_text
 from asrlab.tokenizer import decode
 from asrlab.training.batching import bucket_batches
 
@@ -32,8 +33,9 @@ def transcribe(model: torch.nn.Module, data, tokenizer, max_frames: int = 60000,
                 ids = model.generate_ctc(feats, lens) if hasattr(model, "generate_ctc") else model.generate(feats, lens)
             else:
                 ids = model.generate(feats, lens, max_new_tokens=max_new_tokens)
+            chars = method == "ctc" and getattr(model, "ctc_units", "tokens") == "chars"
             for i, seq in zip(idx, ids):
-                hyps[i] = decode(tokenizer, seq)
+                hyps[i] = chars_to_text(seq) if chars else decode(tokenizer, seq)
             bar.update(len(idx))
     model.train(was_training)
     return hyps  # type: ignore[return-value]

@@ -59,3 +59,17 @@ def normalize_transcript(text: str, where: str = "transcript") -> str:
     if not norm:
         raise TranscriptError(f"{where}: transcript {text!r} is empty after normalisation")
     return norm
+
+
+# Character units for CTC heads: blank = 0, then these characters (the alphabet normalize_text leaves).
+CHARS = " abcdefghijklmnopqrstuvwxyz0123456789'"
+_CHAR_ID = {c: i + 1 for i, c in enumerate(CHARS)}
+
+
+def char_ids(text: str) -> list[int]:
+    """CTC character targets of a normalised text (ids 1..len(CHARS); 0 is the blank)."""
+    return [_CHAR_ID[c] for c in normalize_text(text)]
+
+
+def chars_to_text(ids) -> str:
+    return normalize_text("".join(CHARS[i - 1] for i in ids if 0 < i <= len(CHARS)))

@@ -86,3 +86,32 @@ def test_loads_the_encoder_of_a_whisper_checkpoint(tmp_path):
     loaded = SpeechEncoder.from_pretrained(str(tmp_path)).eval()
     x, lengths = pad_features([torch.randn(30, 80), torch.randn(50, 80)])
     torch.testing.assert_close(loaded(x, lengths).hidden, encode(whisper.model.encoder, x, lengths).hidden)
+
+
+@pytest.mark.parametrize("length", [17, 18, 33])
+def test_4x_subsampling_is_padding_invariant_and_counts_lengths(length):
+    torch.manual_seed(0)
+    enc = SpeechEncoder.from_config(EncoderConfig(d_model=32, layers=2, heads=2, max_source_positions=60,
+                                                  conv1_stride=2)).eval()
+    assert enc.max_frames == 240
+    utt = torch.randn(length, 80)
+    alone = enc(*pad_features([utt]))
+    assert int(alone.lengths[0]) == ((length - 1) // 2 + 1 - 1) // 2 + 1 == int(output_lengths(torch.tensor([length]), 2)[0])
+    batched = enc(*pad_features([utt, torch.randn(101, 80)], pad_value=3.0))
+    n = int(alone.lengths[0])
+    torch.testing.assert_close(batched.hidden[0, :n], alone.hidden[0], atol=1e-5, rtol=1e-4)
+
+
+def test_4x_subsampling_survives_save_and_load(tmp_path):
+    from asrlab.models.aed import AEDConfig, AEDModel
+
+    torch.manual_seed(0)
+    model = AEDModel.from_config(AEDConfig(vocab_size=50, encoder=EncoderConfig(
+        d_model=32, layers=1, heads=2, max_source_positions=60, conv1_stride=2), decoder_layers=1, decoder_heads=2))
+    model.save_pretrained(tmp_path)
+    again = AEDModel.from_pretrained(tmp_path)
+    assert again.whisper.model.encoder.conv1.stride == (2,) and again.max_frames == 240
+    reused = SpeechEncoder.from_pretrained(str(tmp_path))
+    assert reused.whisper_encoder.conv1.stride == (2,)
+    x, lens = pad_features([torch.randn(50, 80)])
+    torch.testing.assert_close(model.eval().encode(x, lens).hidden, again.eval().encode(x, lens).hidden)

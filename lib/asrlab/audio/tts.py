@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+from functools import lru_cache
 from math import gcd
 from pathlib import Path
 
@@ -42,6 +43,20 @@ def to_mono_16k(audio: np.ndarray, sr: int) -> np.ndarray:
     return audio
 
 
+@lru_cache(maxsize=2)
+def espeak_voice_names(binary: str = "espeak-ng") -> tuple[frozenset, frozenset]:
+    """(voice names and language codes, variant names) that espeak-ng lists, lower-cased."""
+    def table(arg: str) -> list[list[str]]:
+        out = subprocess.run([binary, arg], capture_output=True, text=True, check=False).stdout
+        return [line.split() for line in out.splitlines()[1:] if len(line.split()) >= 5]
+
+    voices = set()
+    for row in table("--voices"):
+        voices.update({row[1].lower(), row[3].lower(), Path(row[4]).name.lower()})
+    variants = {Path(row[4]).name.lower() for row in table("--voices=variant")}
+    return frozenset(voices), frozenset(variants)
+
+
 class EspeakEngine:
     name = "espeak"
     voice_prefix = "en"
@@ -59,6 +74,18 @@ class EspeakEngine:
             self._check_voice(v)
 
     def _check_voice(self, voice: str) -> None:
+        self._check_prefix(voice)
+        # espeak-ng silently falls back to another voice for an unknown name: check against its own lists.
+        base, _, variant = voice.partition("+")
+        known, variants = espeak_voice_names(self.binary)
+        if base.lower() not in known:
+            raise ValueError(f"unknown {self.name} voice {voice!r}: espeak-ng has no voice {base!r} "
+                             "(see `espeak-ng --voices=en`)")
+        if variant and variant.lower() not in variants:
+            raise ValueError(f"unknown {self.name} voice {voice!r}: espeak-ng has no variant {variant!r} "
+                             "(see `espeak-ng --voices=variant`)")
+
+    def _check_prefix(self, voice: str) -> None:
         if not voice.startswith(self.voice_prefix):
             raise ValueError(f"unknown {self.name} voice {voice!r}: expected {self.voice_hint}")
 
@@ -89,7 +116,7 @@ class MbrolaEngine(EspeakEngine):
                                     "package mbrola, in the contrib/non-free components)")
 
     def _check_voice(self, voice: str) -> None:
-        super()._check_voice(voice)
+        self._check_prefix(voice)
         db = voice[3:].split("-")[0]  # mb-de2-en -> de2
         if not any((d / db / db).is_file() for d in MBROLA_DIRS):
             raise EngineUnavailable(

@@ -35,9 +35,12 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from asrlab.models.batch import check_tokens, cut_at_eos
 from asrlab.models.ctc import ctc_greedy_decode, ctc_loss
-from asrlab.models.encoder import EncoderConfig, EncoderOutput, additive_mask, encode
+from asrlab.text import CHARS
+from asrlab.models.encoder import (EncoderConfig, EncoderOutput, additive_mask, configure_subsampling, encode,
+                                   max_input_frames)
 
 _MASK_KWARG = "cross_attention_mask"
+CTC_UNITS_FIELD = "asrlab_ctc_units"  # saved in config.json, so a reloaded model keeps its CTC head
 CTC_HEAD_FILE = "ctc_head.safetensors"
 
 
@@ -67,6 +70,7 @@ class AEDConfig:
     eos_id: int = 2
     ctc_weight: float = 0.3
     label_smoothing: float = 0.1
+    ctc_units: str = "tokens"  # "chars": the CTC head predicts characters (learns to align much sooner)
 
     def whisper_config(self) -> WhisperConfig:
         ids = (self.pad_id, self.bos_id, self.eos_id)
@@ -78,7 +82,8 @@ class AEDConfig:
             decoder_attention_heads=self.decoder_heads, decoder_ffn_dim=self.decoder_ffn_dim or 4 * d,
             max_target_positions=self.max_target_positions, pad_token_id=self.pad_id,
             bos_token_id=self.bos_id, eos_token_id=self.eos_id, decoder_start_token_id=self.bos_id,
-            begin_suppress_tokens=None, suppress_tokens=None, **self.encoder.whisper_kwargs())
+            begin_suppress_tokens=None, suppress_tokens=None, **{CTC_UNITS_FIELD: self.ctc_units},
+            **self.encoder.whisper_kwargs())
 
 
 @dataclass
@@ -103,8 +108,14 @@ class AEDModel(nn.Module):
         self.whisper = whisper
         # The CTC blank is the pad token: it never occurs in a target (see asrlab.models.ctc). In a real
         # Whisper, pad = eos = <|endoftext|>, which is not a CTC target either.
-        self.ctc_head = ctc_head or nn.Linear(cfg.d_model, cfg.vocab_size)
+        self.ctc_units = getattr(cfg, CTC_UNITS_FIELD, "tokens") or "tokens"
+        if self.ctc_units not in ("tokens", "chars"):
+            raise ValueError(f"ctc_units={self.ctc_units!r}: 'tokens' or 'chars'")
+        # Characters: blank 0, then asrlab.text.CHARS.
+        n_out = len(CHARS) + 1 if self.ctc_units == "chars" else cfg.vocab_size
+        self.ctc_head = ctc_head or nn.Linear(cfg.d_model, n_out)
         self.ctc_weight, self.label_smoothing = ctc_weight, label_smoothing
+        configure_subsampling(whisper.model.encoder)
         _install_cross_attention_mask(whisper)
 
     @classmethod
@@ -138,7 +149,12 @@ class AEDModel(nn.Module):
 
     @property
     def blank_id(self) -> int:
-        return self.config.pad_token_id
+        return 0 if self.ctc_units == "chars" else self.config.pad_token_id
+
+    @property
+    def max_frames(self) -> int:
+        """Longest input in feature frames."""
+        return max_input_frames(self.whisper.model.encoder)
 
     def encode(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> EncoderOutput:
         return encode(self.whisper.model.encoder, features, feature_lengths)
@@ -150,8 +166,12 @@ class AEDModel(nn.Module):
                             **{_MASK_KWARG: additive_mask(enc.mask, enc.hidden.dtype)})
 
     def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor,
-                tokens: torch.Tensor | None = None, token_lengths: torch.Tensor | None = None) -> AEDOutput:
-        """Joint loss on targets ``tokens`` (no bos/eos): decoder input ``<s> t1..tn``, labels ``t1..tn </s>``."""
+                tokens: torch.Tensor | None = None, token_lengths: torch.Tensor | None = None,
+                ctc_tokens: torch.Tensor | None = None, ctc_token_lengths: torch.Tensor | None = None) -> AEDOutput:
+        """Joint loss on targets ``tokens`` (no bos/eos): decoder input ``<s> t1..tn``, labels ``t1..tn </s>``.
+
+        With a character CTC head, ``ctc_tokens`` (:func:`asrlab.text.char_ids`) are its targets.
+        """
         enc = self.encode(features, feature_lengths)
         ctc_logits = self.ctc_head(enc.hidden)
         if tokens is None:
@@ -171,7 +191,14 @@ class AEDModel(nn.Module):
         logits = self._decode_step(enc, decoder_input_ids).logits
         att = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                           label_smoothing=self.label_smoothing)
-        ctc = ctc_loss(ctc_logits, enc.lengths, tokens, token_lengths, self.blank_id)
+        if self.ctc_units == "chars":
+            if ctc_tokens is None:
+                raise ValueError("this AED has a character CTC head: pass ctc_tokens/ctc_token_lengths "
+                                 "(SpeechData(..., char_targets=True) does)")
+            ctc = ctc_loss(ctc_logits, enc.lengths, ctc_tokens.to(enc.hidden.device),
+                           ctc_token_lengths.to(enc.hidden.device), self.blank_id)
+        else:
+            ctc = ctc_loss(ctc_logits, enc.lengths, tokens, token_lengths, self.blank_id)
         loss = self.ctc_weight * ctc + (1.0 - self.ctc_weight) * att
         return AEDOutput(loss, att, ctc, logits, ctc_logits, enc)
 

@@ -26,6 +26,25 @@ from transformers import WhisperConfig, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 
+STRIDE_FIELD = "asrlab_conv1_stride"
+
+
+def conv1_stride(encoder: WhisperEncoder) -> int:
+    """Stride of the first convolution: 1 in Whisper; 2 when the config asks for 4x subsampling."""
+    return int(getattr(encoder.config, STRIDE_FIELD, 1) or 1)
+
+
+def configure_subsampling(encoder: WhisperEncoder) -> WhisperEncoder:
+    """Give conv1 the stride its config records (weights are unchanged: a stride has no parameters)."""
+    encoder.conv1.stride = (conv1_stride(encoder),)
+    return encoder
+
+
+def max_input_frames(encoder: WhisperEncoder) -> int:
+    """Longest input (feature frames) the encoder's position table covers."""
+    return 2 * conv1_stride(encoder) * encoder.max_source_positions
+
+
 @dataclass
 class EncoderConfig:
     """Size of a Whisper-style encoder built from scratch (a real checkpoint brings its own)."""
@@ -35,14 +54,16 @@ class EncoderConfig:
     heads: int = 4
     ffn_dim: int | None = None  # default 4 * d_model
     n_mels: int = 80
-    max_source_positions: int = 1500  # frames after 2x subsampling: 1500 -> 30 s at a 10 ms hop
+    max_source_positions: int = 1500  # frames after subsampling: 1500 -> 30 s at a 10 ms hop, 2x subsampling
     dropout: float = 0.0
+    conv1_stride: int = 1  # 2 -> 4x subsampling (25 Hz): half the encoder cost; Whisper checkpoints use 1
 
     def whisper_kwargs(self) -> dict:
-        """The encoder half of a WhisperConfig."""
+        """The encoder half of a WhisperConfig (the extra stride travels in the config as a custom field)."""
         return dict(d_model=self.d_model, encoder_layers=self.layers, encoder_attention_heads=self.heads,
                     encoder_ffn_dim=self.ffn_dim or 4 * self.d_model, num_mel_bins=self.n_mels,
-                    max_source_positions=self.max_source_positions, dropout=self.dropout)
+                    max_source_positions=self.max_source_positions, dropout=self.dropout,
+                    **{STRIDE_FIELD: self.conv1_stride})
 
 
 @dataclass
@@ -52,9 +73,9 @@ class EncoderOutput:
     lengths: torch.Tensor  # (B,) valid frames after subsampling
 
 
-def output_lengths(lengths: torch.Tensor) -> torch.Tensor:
-    """Frames after Whisper's conv2 (kernel 3, stride 2, padding 1): ceil(L / 2)."""
-    return (lengths - 1) // 2 + 1
+def output_lengths(lengths: torch.Tensor, stride1: int = 1) -> torch.Tensor:
+    """Frames after conv1 (kernel 3, stride ``stride1``, padding 1) and Whisper's conv2 (stride 2)."""
+    return (((lengths - 1) // stride1 + 1) - 1) // 2 + 1
 
 
 def lengths_to_mask(lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
@@ -89,20 +110,22 @@ def check_features(features: torch.Tensor, lengths: torch.Tensor, n_mels: int, m
     if int(lengths.max()) > max_frames:
         raise ValueError(
             f"utterance of {int(lengths.max())} frames exceeds the encoder's limit of {max_frames} frames "
-            f"(2 * max_source_positions = 2 * {max_frames // 2}); split it or build the encoder with a "
+            "(subsampling x max_source_positions); split it or build the encoder with a "
             "larger max_source_positions")
 
 
 def encode(encoder: WhisperEncoder, features: torch.Tensor, lengths: torch.Tensor) -> EncoderOutput:
     """Run ``encoder`` on ``features`` (B, n_mels, T) padded per batch, ``lengths`` (B,) valid frames."""
-    check_features(features, lengths, encoder.num_mel_bins, 2 * encoder.max_source_positions)
+    check_features(features, lengths, encoder.num_mel_bins, max_input_frames(encoder))
+    stride1 = conv1_stride(encoder)
     lengths = lengths.to(features.device)
     features = features[:, :, : int(lengths.max())]
     in_mask = lengths_to_mask(lengths, features.shape[2])[:, None, :]
     x = nn.functional.gelu(encoder.conv1(features.masked_fill(~in_mask, 0.0)))
-    x = nn.functional.gelu(encoder.conv2(x.masked_fill(~in_mask, 0.0)))
+    mid_mask = lengths_to_mask((lengths - 1) // stride1 + 1, x.shape[2])[:, None, :]
+    x = nn.functional.gelu(encoder.conv2(x.masked_fill(~mid_mask, 0.0)))
     x = x.permute(0, 2, 1)  # (B, T', D)
-    out_lengths = output_lengths(lengths)
+    out_lengths = output_lengths(lengths, stride1)
     mask = lengths_to_mask(out_lengths, x.shape[1])
     x = x + encoder.embed_positions.weight[: x.shape[1]]
     x = nn.functional.dropout(x, p=encoder.dropout, training=encoder.training)
@@ -124,7 +147,7 @@ class SpeechEncoder(nn.Module):
 
     def __init__(self, whisper_encoder: WhisperEncoder):
         super().__init__()
-        self.whisper_encoder = whisper_encoder
+        self.whisper_encoder = configure_subsampling(whisper_encoder)
 
     @classmethod
     def from_config(cls, cfg: EncoderConfig) -> SpeechEncoder:
@@ -149,7 +172,7 @@ class SpeechEncoder(nn.Module):
 
     @property
     def max_frames(self) -> int:
-        return 2 * self.whisper_encoder.max_source_positions
+        return max_input_frames(self.whisper_encoder)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> EncoderOutput:
         return encode(self.whisper_encoder, features, lengths)

@@ -115,6 +115,10 @@ class LLMASR(nn.Module):
         return cls(encoder, projector, lm, cfg.pad_id, cfg.bos_id, cfg.eos_id)
 
     @property
+    def max_frames(self) -> int:
+        return self.encoder.max_frames
+
+    @property
     def vocab_size(self) -> int:
         return self.lm.get_input_embeddings().num_embeddings
 

@@ -33,7 +33,7 @@ def run(params: dict) -> dict:
     results: dict = {}
     for model_name, spec in p["models"].items():
         kind, model = store.load(spec["path"])
-        max_frames = model.encoder.max_frames if kind == "llm_asr" else 2 * model.config.max_source_positions
+        max_frames = model.max_frames
         for set_name, sel in p["sets"].items():
             data = SpeechData(select(rows, sel), fs, tok, max_frames=max_frames)
             for method in spec["decoding"]:

@@ -62,13 +62,13 @@ def _log(step: int, metrics: dict) -> None:
     mlflow.log_metrics(metrics, step=step)
 
 
-def _speech(params: dict, stage: str, tok, max_frames: int, max_tokens: int):
+def _speech(params: dict, stage: str, tok, max_frames: int, max_tokens: int, char_targets: bool = False):
     p = params[stage]
     fs = FeatureStore(params["features"]["out_dir"])
     rows = list(fs.rows.values())
     heldout = params.get("heldout_scenarios", [])
     spec = {**p["data"], "exclude_scenarios": heldout}
-    train_data = SpeechData(select(rows, spec), fs, tok, max_frames, max_tokens)
+    train_data = SpeechData(select(rows, spec), fs, tok, max_frames, max_tokens, char_targets)
     dev_data = SpeechData(select(rows, {**p["dev"], "exclude_scenarios": heldout}), fs, tok, max_frames, max_tokens)
     return train_data, dev_data
 
@@ -103,8 +103,8 @@ def pretrain_aed(params: dict) -> dict:
     tok = load_tokenizer(params["tokenizer"]["out_dir"])
     cfg = store.aed_config(p["model"], len(tok))
     model = AEDModel.from_pretrained(p["init_from"]) if p.get("init_from") else AEDModel.from_config(cfg)
-    max_frames = 2 * model.config.max_source_positions
-    train_data, dev = _speech(params, stage, tok, max_frames, model.config.max_target_positions - 2)
+    train_data, dev = _speech(params, stage, tok, model.max_frames, model.config.max_target_positions - 2,
+                              char_targets=model.ctc_units == "chars")
     with _tracked(stage, {**p["train"], **{f"model.{k}": v for k, v in p["model"].items()}}, {"model_kind": "aed"}):
         summary = train(model, train_data.lengths, train_data.collate, TrainConfig.from_params(p["train"]),
                         _ckpt_dir(params, stage), on_log=_log, desc=stage)
@@ -168,7 +168,7 @@ def pretrain_llm_asr(params: dict) -> dict:
     tok = load_tokenizer(params["tokenizer"]["out_dir"])
     cfg = store.llm_asr_config(p["model"], len(tok), lm_path=p.get("lm_from"))
     model = store.build_llm_asr(cfg, encoder_from=p.get("encoder_from"))
-    train_data, dev = _speech(params, stage, tok, model.encoder.max_frames, p["max_tokens"])
+    train_data, dev = _speech(params, stage, tok, model.max_frames, p["max_tokens"])
     with _tracked(stage, {**p["train"], "encoder_from": p.get("encoder_from"), "lm_from": p.get("lm_from"),
                           "lora": json.dumps(p["model"].get("lora"))}, {"model_kind": "llm_asr"}):
         summary = train(model, train_data.lengths, train_data.collate, TrainConfig.from_params(p["train"]),

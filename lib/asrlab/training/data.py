@@ -10,6 +10,7 @@ import torch
 
 from asrlab.audio.features import FeatureStore
 from asrlab.models.batch import pad_features, pad_tokens
+from asrlab.text import char_ids
 from asrlab.tokenizer import encode
 
 SELECT_KEYS = {"corpus", "pools", "splits", "scenarios", "exclude_scenarios", "max_utterances", "seed"}
@@ -42,7 +43,7 @@ class SpeechData:
     """Selected utterances with features held in memory (float16) and their token ids."""
 
     def __init__(self, rows: list[dict], store: FeatureStore, tokenizer, max_frames: int | None = None,
-                 max_tokens: int | None = None):
+                 max_tokens: int | None = None, char_targets: bool = False):
         kept = []
         for r in rows:
             if max_frames is not None and r["frames"] > max_frames:
@@ -61,6 +62,7 @@ class SpeechData:
         if not kept:
             raise ValueError("no utterance left after the length filters")
         self.rows, self.tokens = kept, tokens
+        self.chars = [char_ids(r["text"]) for r in kept] if char_targets else None
         self.features = [store.load(r["id"]).to(torch.float16) for r in kept]
         self.lengths = [int(f.shape[0]) for f in self.features]
 
@@ -70,4 +72,7 @@ class SpeechData:
     def collate(self, idx: list[int]) -> dict:
         feats, lens = pad_features([self.features[i].float() for i in idx])
         toks, tok_lens = pad_tokens([self.tokens[i] for i in idx])
-        return {"features": feats, "feature_lengths": lens, "tokens": toks, "token_lengths": tok_lens}
+        batch = {"features": feats, "feature_lengths": lens, "tokens": toks, "token_lengths": tok_lens}
+        if self.chars is not None:
+            batch["ctc_tokens"], batch["ctc_token_lengths"] = pad_tokens([self.chars[i] for i in idx])
+        return batch
