@@ -16,8 +16,9 @@ repro: setup          ## dvc repro on the default profile
 test: setup           ## the test suite (includes a smoke-profile dvc repro in a temporary copy)
 	pytest -q
 
-bench: setup          ## benchmarks -> results/bench/*.json
+bench: setup          ## benchmarks -> results/bench/*.json (run on a quiet machine; train needs `make repro` first)
 	python benchmarks/data_bench.py
+	python benchmarks/train_bench.py
 
 mlflow-ui: setup      ## browse every run: http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

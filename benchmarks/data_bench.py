@@ -16,9 +16,7 @@ Run from anywhere: ``python benchmarks/data_bench.py [--n 150] [--out results/be
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import random
 import sys
 import time
@@ -26,7 +24,8 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-import torch
+
+import machine  # benchmarks/machine.py
 
 from asrlab.audio import channel as channel_mod
 from asrlab.audio.features import log_mel
@@ -168,14 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     features["input"] = "dry audio of every pool"
 
     result = {
-        "machine": {
-            "nproc": os.cpu_count(), "sched_cpus": len(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "platform": platform.platform(), "torch": torch.__version__, "numpy": np.__version__,
-            "loadavg_before": [round(x, 2) for x in load_before],
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-            "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        },
+        "machine": machine.facts(load_before, numpy=np.__version__),
         "n_utterances": args.n,
         "slurp_file": str((args.slurp_dir / "test.jsonl").resolve()),
         "render_note": "synthesis only (no channel, no FLAC); 1 worker runs in-process, N workers in a fork pool "
@@ -197,10 +189,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{channel['x_realtime']:.0f}x real time")
     print(f"log_mel (1 process, {features['utterances']} utts): {features['utt_per_s']:.0f} utt/s, "
           f"{features['x_realtime']:.0f}x real time")
-    m = result["machine"]
-    print(f"\nnproc {m['nproc']}, torch threads {m['torch_threads']}, python {m['python']}, "
-          f"load {m['loadavg_before'][0]:.2f} -> {m['loadavg_after'][0]:.2f}; "
-          f"total {result['total_wall_s']:.0f} s -> {args.out}")
+    print(machine.summary_line(result, args.out))
     return 0
 
 

@@ -40,8 +40,6 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}.
 
 import argparse
 import copy
-import datetime as dt
-import platform
 import statistics
 import sys
 import tempfile
@@ -53,6 +51,8 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
+
+import machine  # benchmarks/machine.py
 
 from asrlab.audio.features import FeatureStore
 from asrlab.decode import transcribe
@@ -338,15 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     result = {
-        "machine": {
-            "nproc": os.cpu_count(), "sched_cpus": len(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-            "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "loadavg_before": [round(x, 2) for x in load_before],
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-            "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        },
+        "machine": machine.facts(load_before, transformers=transformers.__version__),
         "model": {"config": p["model"], "params": n_params, "vocab_size": len(tok)},
         "data": {"train_selection": train_spec, "train_utterances": len(data),
                  "train_audio_s": round(sum(data.lengths) / FRAMES_PER_SECOND, 1),
@@ -381,10 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"decode model: {decode_model}")
     print("targets: " + "; ".join(f"{k} {v['measured']} ({v['target']}): {'met' if v['met'] else 'NOT met'}"
                                   for k, v in targets.items()))
-    m = result["machine"]
-    print(f"\nnproc {m['nproc']}, torch threads {m['torch_threads']}, python {m['python']}, "
-          f"load {m['loadavg_before'][0]:.2f} -> {m['loadavg_after'][0]:.2f}; "
-          f"total {result['total_wall_s']:.0f} s -> {args.out}")
+    print(machine.summary_line(result, args.out))
     return 0
 
 

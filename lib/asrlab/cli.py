@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         module, function = STAGES[args.command]
-        os.environ.setdefault("ASRLAB_STAGE", args.command)  # MLflow runs record the DVC stage
+        os.environ["ASRLAB_STAGE"] = args.command  # MLflow runs record the DVC stage
         getattr(importlib.import_module(f"asrlab.stages.{module}"), function)(load_params(args.params))
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         print(f"asrlab {args.command}: error: {e}", file=sys.stderr)

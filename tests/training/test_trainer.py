@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from asrlab.models.batch import pad_features
 from asrlab.training.batching import bucket_batches
-from asrlab.training.trainer import TrainConfig, apply_freezing
+from asrlab.training.trainer import apply_freezing
 
 SCRIPT = Path(__file__).with_name("tiny_train.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
