@@ -78,7 +78,8 @@ def build_model(params: dict, vocab_size: int, seed: int) -> AEDModel:
 def load_data(params: dict, tok, spec: dict, model: AEDModel) -> SpeechData:
     fs = FeatureStore(ROOT / params["features"]["out_dir"])
     rows = select(list(fs.rows.values()), spec)
-    return SpeechData(rows, fs, tok, 2 * model.config.max_source_positions, model.config.max_target_positions - 2)
+    return SpeechData(rows, fs, tok, model.max_frames, model.config.max_target_positions - 2,
+                      char_targets=model.ctc_units == "chars")
 
 
 def window_rates(t: list[float], utts: list[int], frames: list[int], padded: list[int], warmup: int,
@@ -160,8 +161,8 @@ class LossOnly(torch.nn.Module):
         super().__init__()
         self.aed = aed
 
-    def forward(self, features, feature_lengths, tokens, token_lengths):
-        return {"loss": self.aed(features, feature_lengths, tokens, token_lengths).loss}
+    def forward(self, features, feature_lengths, tokens, token_lengths, ctc_tokens=None, ctc_token_lengths=None):
+        return {"loss": self.aed(features, feature_lengths, tokens, token_lengths, ctc_tokens, ctc_token_lengths).loss}
 
 
 class Utterances(torch.utils.data.Dataset):
