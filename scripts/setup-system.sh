@@ -22,8 +22,12 @@ echo "[setup-system] installing: ${missing[*]}"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-# Enable contrib + non-free (mbrola and its voices live there) if no apt source lists them yet.
-if ! grep -rqsE '(^Components:.*\bnon-free\b)|(^deb .*\bnon-free\b)' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+# Enable contrib + non-free (mbrola and its voices live there) unless an apt source lists both already.
+# Whole words only: "non-free-firmware" is not "non-free".
+has_component() {
+  grep -rqsE "^(Components:|deb )(.*[[:space:]])?$1([[:space:]]|\$)" /etc/apt/sources.list /etc/apt/sources.list.d/
+}
+if ! has_component non-free || ! has_component contrib; then
   . /etc/os-release
   codename="${VERSION_CODENAME:?cannot tell the Debian release from /etc/os-release}"
   echo "[setup-system] enabling contrib and non-free for $codename"

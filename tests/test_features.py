@@ -110,7 +110,7 @@ def test_failed_rerun_leaves_no_index_pointing_at_deleted_shards(manifests, monk
     def broken(*a, **kw):
         raise RuntimeError("killed mid-run")
 
-    monkeypatch.setattr(features, "log_mel", broken)  # forked workers inherit it
+    monkeypatch.setattr(features, "save_file", broken)  # the stage dies while writing shards
     with pytest.raises(RuntimeError, match="killed mid-run"):
         features.run(params)
     # either no index (stage must rerun) or an index whose shards all exist: never a dangling one
@@ -129,3 +129,19 @@ def test_duplicate_ids_across_manifests(manifests):
 def test_missing_store(tmp_path):
     with pytest.raises(FileNotFoundError, match="dvc repro features"):
         FeatureStore(tmp_path)
+
+
+def test_an_unexpected_error_on_one_utterance_becomes_a_reject(manifests, monkeypatch):
+    params, rows = manifests
+    real = features.log_mel
+
+    def flaky(audio, *a):
+        if len(audio) == len(features.load_audio(rows[0]["audio"])):
+            raise MemoryError("boom")
+        return real(audio, *a)
+
+    monkeypatch.setattr(features, "log_mel", flaky)  # forked workers inherit it
+    stats = features.run(params)
+    assert stats["rejects"] >= 1 and stats["utterances"] == len(rows) - stats["rejects"]
+    rejects = [json.loads(line) for line in (Path(params["features"]["out_dir"]) / "rejects.jsonl").read_text().splitlines()]
+    assert any("MemoryError('boom')" in r["reason"] for r in rejects)

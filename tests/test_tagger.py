@@ -81,7 +81,7 @@ def test_prepare_trains_tagger_on_train_split_only(small_slurp, make_params, mon
     assert held and not held & set(seen["texts"])
 
     # the saved model is the one that was trained: it does not know dev/test-only words
-    model = joblib.load(out / "tagger.joblib")
+    model = joblib.load(params["prepare"]["tagger"]["path"])
     words = model.steps[0][1].transformer_list[0][1]  # the word n-gram TF-IDF (min_df=1)
     analyse = words.build_analyzer()
     train_grams = {g for t in seen["texts"] for g in analyse(t)}
@@ -107,3 +107,28 @@ def test_prepare_trains_tagger_on_train_split_only(small_slurp, make_params, mon
     assert [r["id"] for r in rejects] == ["lm-161"]
     assert stats["rejects"]["total"] == 1
     assert json.loads(Path(params["prepare"]["stats"]).read_text()) == stats
+
+
+def test_prepare_outputs_are_byte_identical_across_processes(small_slurp, make_params, tmp_path):
+    """Other stages depend on data/prepared: a rerun must not change its hash (string hashing differs
+    between processes, so run in two with different hash seeds)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    digests = []
+    for seed in ("1", "2"):
+        params = make_params()
+        params["prepare"]["slurp"].update(text_dir=str(small_slurp), lm_text=str(small_slurp / "lm.txt"))
+        out = tmp_path / f"run{seed}"
+        params["prepare"].update(out_dir=str(out), stats=str(out / "stats.json"))
+        params["prepare"]["tagger"]["path"] = str(tmp_path / f"tagger{seed}.joblib")
+        (tmp_path / f"p{seed}.yaml").write_text(yaml.safe_dump(params))
+        proc = subprocess.run([sys.executable, "-m", "asrlab.cli", "--params", str(tmp_path / f"p{seed}.yaml"),
+                               "prepare"], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        digests.append({f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in sorted(out.glob("*.jsonl"))})
+    assert digests[0] == digests[1] and len(digests[0]) == 4

@@ -37,9 +37,11 @@ def extract(row: dict):
         warnings.simplefilter("always")
         try:
             audio = load_audio(row["audio"])
+            feats = log_mel(audio, _CFG["n_mels"], _CFG["n_fft"], _CFG["hop"])
         except BadAudio as e:
             return row, None, str(e), []
-    feats = log_mel(audio, _CFG["n_mels"], _CFG["n_fft"], _CFG["hop"])
+        except Exception as e:  # noqa: BLE001 - one bad utterance must not kill the stage
+            return row, None, f"{row['audio']}: {e!r}", []
     return row, torch.from_numpy(feats).to(torch.float16).contiguous(), len(audio) / 16_000, [str(w.message) for w in caught]
 
 

@@ -2,7 +2,8 @@
 
 Outputs (``prepare.out_dir``): ``slurp.jsonl``, ``lm.jsonl``, ``recordings.jsonl`` (rows that already have
 audio: speechocean762, and the official SLURP recordings when configured), ``rejects.jsonl``,
-``tagger.joblib``; metrics ``results/data/stats.json``.
+and the tagger at ``prepare.tagger.path``, an output of its own: its pickle is not byte-stable across runs,
+and no stage should rerun because of that; metrics ``results/data/stats.json``.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def run(params: dict) -> dict:
     write_jsonl(out / "lm.jsonl", lm)
     write_jsonl(out / "recordings.jsonl", recordings)
     write_jsonl(out / "rejects.jsonl", rejects)
-    with atomic_path(out / "tagger.joblib") as tmp:
+    with atomic_path(p["tagger"]["path"]) as tmp:
         joblib.dump(model, tmp)
 
     stats = {

@@ -23,7 +23,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from asrlab.audio import channel as channel_mod
-from asrlab.audio.tts import SAMPLE_RATE, SynthesisError, get_engine
+from asrlab.audio.tts import SAMPLE_RATE, EngineUnavailable, SynthesisError, get_engine
 from asrlab.data.slurp import check_scenarios
 from asrlab.io import atomic_path, item_seed, read_jsonl, stable_hash, write_json, write_jsonl
 
@@ -64,8 +64,11 @@ def synthesize(job: dict) -> tuple[dict | None, dict | None, bool]:
         row["channel"] = channel_mod.draw(cfg, row["channel_seed"])
     try:
         if path.is_file():
-            row["duration"] = round(sf.info(path).duration, 3)
-            return row, None, True
+            try:
+                row["duration"] = round(sf.info(path).duration, 3)
+                return row, None, True
+            except sf.LibsndfileError:  # a damaged cache entry is rendered again, not rejected for ever
+                path.unlink()
         audio = get_engine(row["engine"]).synthesize(row["text"], row["voice"], row["rate"], row["pitch"])
         if cfg is not None:
             audio, _ = channel_mod.apply(audio, cfg, row["channel_seed"], SAMPLE_RATE)
@@ -74,8 +77,11 @@ def synthesize(job: dict) -> tuple[dict | None, dict | None, bool]:
             sf.write(tmp, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
         row["duration"] = round(len(audio) / SAMPLE_RATE, 3)
         return row, None, False
-    except (SynthesisError, sf.LibsndfileError, ValueError, OSError) as e:
-        return None, {"id": row["id"], "voice": row["voice"], "text": row["text"], "reason": str(e)}, False
+    except EngineUnavailable:
+        raise  # checked before rendering; if it happens now, every utterance would fail: stop
+    except Exception as e:  # noqa: BLE001 - one bad utterance must not kill a long render
+        reason = str(e) if isinstance(e, (SynthesisError, sf.LibsndfileError, ValueError, OSError)) else repr(e)
+        return None, {"id": row["id"], "voice": row["voice"], "text": row["text"], "reason": reason}, False
 
 
 def select(rows: list[dict], spec: dict, heldout: list[str], seed: int, name: str) -> list[dict]:
