@@ -30,12 +30,13 @@ def run(params: dict) -> dict:
     fs = FeatureStore(params["features"]["out_dir"])
     rows = list(fs.rows.values())
     out_dir = Path(p["out_dir"])
+    index_md5 = tracking.file_hash(Path(fs.dir) / "index.jsonl")  # once: the same for every run below
     results: dict = {}
     for model_name, spec in p["models"].items():
-        kind, model = store.load(spec["path"])
-        max_frames = model.max_frames
+        _, model = store.load(spec["path"])
+        tags = {"checkpoint_md5": tracking.file_hash(spec["path"]), "features_index_md5": index_md5}
         for set_name, sel in p["sets"].items():
-            data = SpeechData(select(rows, sel), fs, tok, max_frames=max_frames)
+            data = SpeechData(select(rows, sel), fs, tok, max_frames=model.max_frames)
             for method in spec["decoding"]:
                 t0 = time.time()
                 hyps = transcribe(model, data, tok, method=method, desc=f"{model_name}/{set_name}/{method}")
@@ -48,9 +49,7 @@ def run(params: dict) -> dict:
                 write_hypotheses(hyp_path, scored)
                 with tracking.run("base_eval", name, params={"model": model_name, "model_path": spec["path"],
                                                               "test_set": set_name, "decoding": method,
-                                                              "selection": str(sel)},
-                                  tags={"checkpoint_md5": tracking.file_hash(spec["path"]),
-                                        "features_index_md5": tracking.file_hash(Path(fs.dir) / "index.jsonl")}):
+                                                              "selection": str(sel)}, tags=tags):
                     mlflow.log_metrics(flat_metrics(scores))
                     mlflow.log_metric("utt_per_s", len(hyps) / seconds)
                     mlflow.log_artifact(str(hyp_path))
