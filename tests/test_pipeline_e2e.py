@@ -95,6 +95,45 @@ def test_smoke_repro_trains_and_scores_the_base_models(smoke_repo: Path):
     assert "metrics.scenario/alarm/wer" in runs.columns or "metrics.pool/synthetic/wer" in runs.columns
 
 
+def test_smoke_repro_runs_the_syn2real_study(smoke_repo: Path):
+    import mlflow
+    import pandas as pd
+
+    from asrlab.methods.task_vectors import TaskVector
+
+    finetune = json.loads((smoke_repo / "results/syn2real/finetune.json").read_text())
+    assert set(finetune["runs"]) >= {"s0/shared/source_real", "s0/shared/source_syn", "s0/weather/baseline",
+                                     "s0/weather/oracle", "s1/weather/baseline", "s0/shared/group1_syn"}
+    tau = TaskVector.load(smoke_repo / "models/syn2real_vectors/s0-shared-single.safetensors")
+    assert tau.metadata["real_run"] == "s0/shared/source_real" and len(tau.deltas) > 50
+    assert (smoke_repo / "models/syn2real_vectors/s0-shared-avg.safetensors").is_file()
+    tab = pd.read_csv(smoke_repo / "results/syn2real/table.csv")
+    assert list(tab["target"]) == ["weather", "mean"]
+    for col in ("baseline_wer", "syn2real_wer", "baseline_cer", "syn2real_cer", "oracle_wer", "syn2real_avg_wer"):
+        assert tab[col].notna().all(), col
+    assert "±" in (smoke_repo / "results/syn2real/table.md").read_text()  # two seeds: mean ± std
+    for fig in ("lambda.png", "bars.png"):
+        assert (smoke_repo / "results/syn2real" / fig).stat().st_size > 10_000
+    trials = [json.loads(x) for x in (smoke_repo / "results/syn2real/trials.jsonl").read_text().splitlines()]
+    assert len(trials) == 4 * 3  # 2 seeds × (single τ, averaged τ of source seed 0) × 3 trials
+    assert sum(t["lambda"] == 0.0 for t in trials) == 4  # λ = 0 enqueued in every sweep
+    mlflow.set_tracking_uri(f"sqlite:///{smoke_repo / 'mlflow.db'}")
+    sweep_runs = mlflow.search_runs(experiment_names=["syn2real_sweep"])
+    assert len(sweep_runs) == len(trials) and set(sweep_runs["status"]) == {"FINISHED"}
+
+
+def test_syn2real_notebook_rebuilds_the_table_from_mlflow(smoke_repo: Path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("ASRLAB_ROOT", str(smoke_repo))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    nb = nbformat.read(ROOT / "notebooks/syn2real.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(smoke_repo)}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "table.csv matches the MLflow runs" in outputs
+
+
 def test_second_repro_is_a_noop(smoke_repo: Path):
     proc = run(["dvc", "repro"], smoke_repo)
     out = proc.stdout + proc.stderr

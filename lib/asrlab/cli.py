@@ -17,6 +17,8 @@ STAGES = {  # command -> (module, function)
     "tokenizer": ("tokenizer", "run"), "pretrain_aed": ("pretrain", "pretrain_aed"),
     "pretrain_lm": ("pretrain", "pretrain_lm"), "pretrain_llm_asr": ("pretrain", "pretrain_llm_asr"),
     "eval_base": ("eval_base", "run"),
+    "syn2real_finetune": ("syn2real", "finetune"), "syn2real_vectors": ("syn2real", "vectors"),
+    "syn2real_evaluate": ("syn2real", "evaluate"), "syn2real_report": ("syn2real_report", "run"),
 }
 
 

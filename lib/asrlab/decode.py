@@ -12,7 +12,7 @@ from asrlab.training.batching import bucket_batches
 
 @torch.no_grad()
 def transcribe(model: torch.nn.Module, data, tokenizer, max_frames: int = 60000, method: str = "attention",
-               max_new_tokens: int = 96, desc: str = "decode") -> list[str]:
+               max_new_tokens: int = 96, desc: str = "decode", progress: bool = True) -> list[str]:
     """Hypotheses for every utterance of ``data`` (a :class:`asrlab.training.data.SpeechData`), in order.
 
     Utterances of similar length are batched together (at most ``max_frames`` padded frames a batch).
@@ -25,7 +25,7 @@ def transcribe(model: torch.nn.Module, data, tokenizer, max_frames: int = 60000,
     hyps: list[str | None] = [None] * len(data)
     batches = sorted(bucket_batches(data.lengths, max_frames, seed=0, epoch=0),
                      key=lambda b: -max(data.lengths[i] for i in b))
-    with tqdm(total=len(data), desc=desc, unit="utt", mininterval=2) as bar:
+    with tqdm(total=len(data), desc=desc, unit="utt", mininterval=2, disable=not progress) as bar:
         for idx in batches:
             batch = data.collate(idx)
             feats, lens = batch["features"].to(device), batch["feature_lengths"].to(device)

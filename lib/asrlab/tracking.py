@@ -6,6 +6,7 @@ and artifacts. Embedded default ``sqlite:///<repo>/mlflow.db`` (artifacts in ``<
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import subprocess
@@ -19,6 +20,7 @@ def tracking_uri(root: str | Path = ".") -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
+@functools.lru_cache(maxsize=8)  # asked once per run; sweeps start many runs in one process
 def git_commit(root: str | Path = ".") -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)

@@ -99,3 +99,25 @@ def test_two_process_ddp_matches_single_process_with_same_effective_batch(tmp_pa
     assert (tmp_path / "ddp" / "step-00000020").is_dir()
     w = weights(tmp_path / "ddp.safetensors")
     assert all(torch.isfinite(v).all() for v in w.values())
+
+
+def test_rerun_of_a_finished_run_reports_its_last_loss(tmp_path):
+    from asrlab.training.trainer import TrainConfig, train
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+
+    class Reg(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, idx):
+            return {"loss": torch.nn.functional.mse_loss(self.lin(x[idx]), y[idx])}
+
+    cfg = TrainConfig(max_steps=4, warmup_steps=1, max_frames=8, ckpt_every=2, log_every=1)
+    collate = lambda idx: {"idx": torch.tensor(idx)}  # noqa: E731
+    first = train(Reg(), [1] * 32, collate, cfg, tmp_path / "ckpt")
+    again = train(Reg(), [1] * 32, collate, cfg, tmp_path / "ckpt")
+    assert again["resumed_from"] is not None and again["steps"] == 4
+    assert again["last_loss"] == pytest.approx(first["last_loss"]) and first["last_loss"] == first["last_loss"]

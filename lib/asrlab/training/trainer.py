@@ -115,7 +115,7 @@ def train(model: torch.nn.Module, lengths: list[int], collate: Callable[[list[in
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
 
-    state = {"epoch": 0, "batch": 0, "bad_in_a_row": 0, "skipped": 0}
+    state = {"epoch": 0, "batch": 0, "bad_in_a_row": 0, "skipped": 0, "last_loss": float("nan")}
     step, resumed_from = 0, None
     ckpt = latest_checkpoint(ckpt_dir)
     if ckpt is not None:
@@ -135,7 +135,7 @@ def train(model: torch.nn.Module, lengths: list[int], collate: Callable[[list[in
     batches = epoch_batches(state["epoch"])
     bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, unit="step", disable=rank != 0, mininterval=2)
     ddp.train()
-    loss_value = float("nan")
+    loss_value = state.get("last_loss", float("nan"))  # a run resumed at max_steps still reports its loss
     while step < cfg.max_steps:
         if state["batch"] >= len(batches):
             state["epoch"] += 1
@@ -168,7 +168,7 @@ def train(model: torch.nn.Module, lengths: list[int], collate: Callable[[list[in
         optimizer.zero_grad(set_to_none=True)
         state["bad_in_a_row"] = 0
         step += 1
-        loss_value = loss.item()
+        loss_value = state["last_loss"] = loss.item()
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")

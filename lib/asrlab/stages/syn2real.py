@@ -1,0 +1,328 @@
+"""The syn2real study (SYN2REAL, Su et al., EMNLP 2024): task vectors against the synthetic-to-real gap.
+
+Four stages, data flowing one way:
+
+- ``syn2real_finetune``: from the base AED, per seed and per *source set* (the scenarios that are not targets;
+  one shared set by default, one per target with ``leave_one_out``): θ_real^S (source real-proxy speech),
+  θ_syn^S (source synthetic speech), θ_mix^S (both); per target, the baseline θ_mix^S → target synthetic
+  speech (the target has text only; lr × 0.1) and the oracle θ_mix^S → target real speech (upper bound);
+  for multi-source averaging, θ_real/θ_syn on subsets (groups) of the source scenarios. The plan is a list of
+  runs (:func:`plan`), each through the one trainer, resumable, saved under ``models/syn2real/<run>``.
+- ``syn2real_vectors``: τ = θ_real^S − θ_syn^S per seed and source set, and the mean of the groups' vectors,
+  saved as safetensors with their provenance (:mod:`asrlab.methods.task_vectors`).
+- ``syn2real_evaluate``: per seed, target and vector, an Optuna TPE sweep of λ on the target's real dev
+  speech — each trial merges in memory (baseline + λ·τ) and decodes, no retraining and no reloading — then
+  the chosen λ and the reference systems (base, source-real, baseline, oracle) on the target's real test
+  speech. Every trial and every test evaluation is an MLflow run.
+- ``syn2real_report`` (:mod:`asrlab.stages.syn2real_report`): the table shaped like the paper's Table 1 and
+  the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlflow
+import torch
+import transformers
+
+from asrlab import sweep, tracking
+from asrlab.audio.features import FeatureStore
+from asrlab.decode import transcribe
+from asrlab.evaluation import error_rates, flat_metrics, score, write_hypotheses
+from asrlab.io import stable_hash, write_json, write_jsonl
+from asrlab.methods.task_vectors import TaskVector
+from asrlab.models import store
+from asrlab.tokenizer import load_tokenizer
+from asrlab.training.data import SpeechData, select
+from asrlab.training.trainer import TrainConfig, train
+
+
+
+
+# -- the plan -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    name: str                  # models/syn2real/<name>
+    init: str                  # "base" or the name of an earlier run
+    pools: tuple[str, ...]
+    scenarios: tuple[str, ...]
+    train: dict = field(hash=False)
+    seed: int = 0
+
+
+def source_sets(p: dict, scenarios: list[str]) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """{source-set name: (source scenarios, targets served)}: one shared set, or one per target."""
+    targets = list(p["targets"])
+    unknown = sorted(set(targets) - set(scenarios))
+    if unknown:
+        raise ValueError(f"syn2real.targets: unknown scenario(s) {unknown}; known: {sorted(scenarios)}")
+    if p.get("leave_one_out"):
+        return {f"loo-{t}": (tuple(s for s in scenarios if s != t), (t,)) for t in targets}
+    return {"shared": (tuple(s for s in scenarios if s not in targets), tuple(targets))}
+
+
+def groups_of(source: tuple[str, ...], n: int, sizes: dict[str, int] | None = None) -> list[tuple[str, ...]]:
+    """Source scenarios dealt into ``n`` groups of similar size: largest first, each to the smallest group
+    so far (by training sentences in ``sizes``; by count without). Deterministic."""
+    sizes = sizes or {}
+    groups: list[list[str]] = [[] for _ in range(n)]
+    load = [0] * n
+    for s in sorted(source, key=lambda s: (-sizes.get(s, 1), s)):
+        i = load.index(min(load))
+        groups[i].append(s)
+        load[i] += sizes.get(s, 1)
+    return [tuple(sorted(g)) for g in groups]
+
+
+def source_seed(p: dict, seed: int) -> int:
+    """The source models a seed builds on: its own when it is a source seed, else the first source seed."""
+    return seed if seed in p["source_seeds"] else p["source_seeds"][0]
+
+
+def plan(p: dict, scenarios: list[str], sizes: dict[str, int] | None = None) -> list[Run]:
+    """Every fine-tuning run, in dependency order. Source models (and τ) exist per source seed; the target
+    runs (baseline, oracle) per seed, each from the source-mix model of :func:`source_seed`."""
+    real, syn = p["real_pool"], p["synthetic_pool"]
+    ft, ms = p["finetune"], p["multi_source"]
+    target_train = {**ft["target"], "lr": ft["source"]["lr"] * ft["target_lr_scale"]}
+    sets = source_sets(p, scenarios)
+    runs = []
+    for seed in p["source_seeds"]:
+        for src, (source, _) in sets.items():
+            for kind, pools in (("real", (real,)), ("syn", (syn,)), ("mix", (real, syn))):
+                runs.append(Run(f"s{seed}/{src}/source_{kind}", "base", pools, source, ft["source"], seed))
+            if seed in ms["seeds"] and ms["groups"] > 1:
+                for g, group in enumerate(groups_of(source, ms["groups"], sizes)):
+                    for kind, pools in (("real", (real,)), ("syn", (syn,))):
+                        runs.append(Run(f"s{seed}/{src}/group{g}_{kind}", "base", pools, group, ms["train"], seed))
+    for seed in p["seeds"]:
+        for src, (_, targets) in sets.items():
+            mix = f"s{source_seed(p, seed)}/{src}/source_mix"
+            for t in targets:
+                runs.append(Run(f"s{seed}/{t}/baseline", mix, (syn,), (t,), target_train, seed))
+                if seed in ft["oracle_seeds"]:
+                    runs.append(Run(f"s{seed}/{t}/oracle", mix, (real,), (t,), target_train, seed))
+    return runs
+
+
+# -- shared plumbing ----------------------------------------------------------------------------------------
+class Context:
+    """What every stage reads: tokenizer, feature store, base model, and a cache of selected data."""
+
+    def __init__(self, params: dict):
+        self.params, self.p = params, params["syn2real"]
+        torch.set_num_threads(int(os.environ.get("ASRLAB_THREADS", os.cpu_count() or 1)))
+        transformers.utils.logging.disable_progress_bar()  # dozens of model loads: keep the log readable
+        self.tok = load_tokenizer(params["tokenizer"]["out_dir"])
+        self.fs = FeatureStore(params["features"]["out_dir"])
+        self.rows = [r for r in self.fs.rows.values() if r["corpus"] == "slurp"]
+        self.scenarios = sorted({r["scenario"] for r in self.rows})
+        self.base_path = Path(self.p["base"])
+        self.models_dir = Path(self.p["models_dir"])
+        self._data: dict = {}
+        self.inputs_hash = stable_hash(tracking.file_hash(self.base_path),
+                                       tracking.file_hash(Path(self.fs.dir) / "index.jsonl"),
+                                       tracking.file_hash(params["tokenizer"]["out_dir"]), n=12)
+
+    def data(self, pools, scenarios, split: str, model, char_targets: bool = False) -> SpeechData:
+        key = (tuple(pools), tuple(scenarios), split, char_targets)
+        if key not in self._data:
+            spec = {"corpus": ["slurp"], "pools": list(pools), "scenarios": list(scenarios), "splits": [split]}
+            self._data[key] = SpeechData(select(self.rows, spec), self.fs, self.tok, model.max_frames,
+                                         model.config.max_target_positions - 2, char_targets)
+        return self._data[key]
+
+    def sizes(self) -> dict[str, int]:
+        """Training sentences per scenario (for balanced source groups)."""
+        out: dict[str, int] = {}
+        for r in self.rows:
+            if r["split"] == "train" and r["pool"] == self.p["synthetic_pool"]:
+                out[r["scenario"]] = out.get(r["scenario"], 0) + 1
+        return out
+
+    def load(self, name: str):
+        path = self.base_path if name == "base" else self.models_dir / name
+        return store.load(path)[1]
+
+
+# -- stage 1: fine-tuning -----------------------------------------------------------------------------------
+def finetune(params: dict) -> dict:
+    ctx, t_stage = Context(params), time.time()
+    runs = plan(ctx.p, ctx.scenarios, ctx.sizes())
+    print(f"[syn2real_finetune] {len(runs)} fine-tuning runs: " + ", ".join(r.name for r in runs))
+    summary = {}
+    for i, run in enumerate(runs, 1):
+        t0 = time.time()
+        torch.manual_seed(run.seed)
+        model = ctx.load(run.init)
+        data = ctx.data(run.pools, run.scenarios, "train", model, char_targets=model.ctc_units == "chars")
+        cfg = TrainConfig.from_params({**run.train, "seed": run.seed})
+        ckpt = Path(params.get("checkpoints_dir", "checkpoints")) / "syn2real" / stable_hash(
+            asdict(run), ctx.inputs_hash, n=12)
+        if run.init != "base":  # a fine-tune of an earlier run resumes only against that run's weights
+            ckpt = ckpt.with_name(ckpt.name + "-" + tracking.file_hash(ctx.models_dir / run.init)[:8])
+        print(f"[syn2real_finetune] ({i}/{len(runs)}) {run.name}: {len(data)} utt from {run.init}")
+        with tracking.run("syn2real_finetune", run.name, params={**run.train, "init": run.init,
+                          "pools": ",".join(run.pools), "scenarios": ",".join(run.scenarios), "seed": run.seed},
+                          tags={"seed": str(run.seed)}):
+            result = train(model, data.lengths, data.collate, cfg, ckpt, desc=run.name,
+                           on_log=lambda step, m: mlflow.log_metrics(m, step=step))
+            out = ctx.models_dir / run.name
+            store.save(model, "aed", out)
+            write_json(out / "run.json", {**asdict(run), "utterances": len(data), **result})
+            result["wall_seconds"] = round(time.time() - t0, 1)
+            mlflow.log_metrics({"wall_seconds": result["wall_seconds"], "utterances": len(data)})
+        summary[run.name] = {"utterances": len(data), "steps": result["steps"], "last_loss": result["last_loss"],
+                             "wall_seconds": result["wall_seconds"]}
+    summary = {"runs": summary, "wall_seconds": round(time.time() - t_stage, 1)}
+    write_json(Path(ctx.p["results_dir"]) / "finetune.json", summary)
+    return summary
+
+
+# -- stage 2: task vectors ----------------------------------------------------------------------------------
+def vector_files(p: dict, scenarios: list[str]) -> dict[str, dict[str, Path]]:
+    """{seed-and-source-set key: {"single" | "avg": path}}."""
+    out = {}
+    vdir = Path(p["vectors_dir"])
+    for seed in p["source_seeds"]:
+        for src in source_sets(p, scenarios):
+            key = f"s{seed}/{src}"
+            out[key] = {"single": vdir / f"s{seed}-{src}-single.safetensors"}
+            if seed in p["multi_source"]["seeds"] and p["multi_source"]["groups"] > 1:
+                out[key]["avg"] = vdir / f"s{seed}-{src}-avg.safetensors"
+    return out
+
+
+def _tau(ctx: Context, real: str, syn: str) -> TaskVector:
+    meta = {"real_run": real, "syn_run": syn,
+            "real_md5": tracking.file_hash(ctx.models_dir / real), "syn_md5": tracking.file_hash(ctx.models_dir / syn),
+            "git_commit": tracking.git_commit()}
+    return TaskVector.from_models(ctx.load(real), ctx.load(syn), meta)
+
+
+def vectors(params: dict) -> dict:
+    ctx, t0 = Context(params), time.time()
+    summary = {}
+    for key, files in vector_files(ctx.p, ctx.scenarios).items():
+        seed_src = key
+        tau = _tau(ctx, f"{seed_src}/source_real", f"{seed_src}/source_syn")
+        tau.save(files["single"])
+        summary[f"{key}/single"] = {"norm": round(tau.norm(), 4)}
+        if "avg" in files:
+            parts = [_tau(ctx, f"{seed_src}/group{g}_real", f"{seed_src}/group{g}_syn")
+                     for g in range(ctx.p["multi_source"]["groups"])]
+            avg = TaskVector.merge(parts, ctx.p["multi_source"]["merge"], density=ctx.p["multi_source"]["density"])
+            avg.save(files["avg"])
+            summary[f"{key}/avg"] = {"norm": round(avg.norm(), 4), "parts": len(parts),
+                                     "cosine_to_single": round(_cosine(avg, tau), 4)}
+        print(f"[syn2real_vectors] {key}: " + json.dumps({k: v for k, v in summary.items() if k.startswith(key)}))
+    summary = {"vectors": summary, "wall_seconds": round(time.time() - t0, 1)}
+    write_json(Path(ctx.p["results_dir"]) / "vectors.json", summary)
+    return summary
+
+
+def _cosine(a: TaskVector, b: TaskVector) -> float:
+    dot = sum(float((a.deltas[k].double() * b.deltas[k].double()).sum()) for k in a.deltas)
+    return dot / max(a.norm() * b.norm(), 1e-12)
+
+
+# -- stage 3: λ sweeps and test evaluation ------------------------------------------------------------------
+def _decode_score(model, data: SpeechData, tok, method: str) -> tuple[dict, list[str]]:
+    hyps = transcribe(model, data, tok, method=method, progress=False)
+    return error_rates([r["text"] for r in data.rows], hyps), hyps
+
+
+def evaluate(params: dict) -> dict:
+    ctx, t_stage = Context(params), time.time()
+    p, sw = ctx.p, ctx.p["sweep"]
+    results_dir = Path(p["results_dir"])
+    records, trials, costs = [], [], {"trial_seconds": [], "plain_eval_seconds": []}
+    base = ctx.load("base")
+    sets = source_sets(p, ctx.scenarios)
+    vfiles = vector_files(p, ctx.scenarios)
+
+    def test_eval(model, system: str, seed: int, target: str, data: SpeechData, lam: float | None = None,
+                  run_name: str | None = None) -> None:
+        for method in p["decoding"]:
+            rates, hyps = _decode_score(model, data, ctx.tok, method)
+            rows = [{"id": r["id"], "scenario": r["scenario"], "speaker": r["speaker"], "ref": r["text"], "hyp": h}
+                    for r, h in zip(data.rows, hyps)]
+            hyp_path = results_dir / "hyps" / f"s{seed}-{target}-{system}-{method}.tsv"
+            write_hypotheses(hyp_path, rows)
+            rec = {"seed": seed, "target": target, "system": system, "decoding": method, "lambda": lam,
+                   "wer": rates["wer"], "cer": rates["cer"], "utterances": rates["utterances"]}
+            with tracking.run("syn2real", f"{target}-s{seed}-{system}-{method}",
+                              params={"lambda": lam, "model": run_name or system},
+                              tags={"study": "syn2real", "seed": str(seed), "target": target, "system": system,
+                                    "decoding": method, "split": "test"}):
+                mlflow.log_metrics(flat_metrics(score(rows, group_keys=("speaker",))))
+                mlflow.log_artifact(str(hyp_path))
+            records.append(rec)
+            print(f"[syn2real_evaluate] s{seed} {target:>10} {system:<13} {method:<9} "
+                  f"WER {rates['wer']:6.2f} CER {rates['cer']:6.2f}" + (f"  λ={lam:.3f}" if lam is not None else ""))
+
+    for seed in p["seeds"]:
+        for src, (_, targets) in sets.items():
+            src_seed = source_seed(p, seed)
+            source_real = ctx.load(f"s{src_seed}/{src}/source_real")
+            for target in targets:
+                dev = ctx.data([p["real_pool"]], [target], "dev", base)
+                test = ctx.data([p["real_pool"]], [target], "test", base)
+                if seed == p["seeds"][0]:  # the base model does not depend on the seed
+                    test_eval(base, "base", seed, target, test)
+                if seed == src_seed:
+                    test_eval(source_real, "source_real", seed, target, test, run_name=f"s{seed}/{src}/source_real")
+                if (ctx.models_dir / f"s{seed}/{target}/oracle").is_dir():
+                    test_eval(ctx.load(f"s{seed}/{target}/oracle"), "oracle", seed, target, test,
+                              run_name=f"s{seed}/{target}/oracle")
+                model = ctx.load(f"s{seed}/{target}/baseline")
+                keep = {k: v.clone() for k, v in model.state_dict().items()}
+                test_eval(model, "baseline", seed, target, test, lam=0.0, run_name=f"s{seed}/{target}/baseline")
+                t0 = time.time()  # the plain evaluation pass the trial cost is compared with
+                _decode_score(model, dev, ctx.tok, sw["decoding"])
+                costs["plain_eval_seconds"].append(time.time() - t0)
+                for kind, path in vfiles[f"s{src_seed}/{src}"].items():
+                    tau = TaskVector.load(path)
+                    system = "syn2real" if kind == "single" else "syn2real_avg"
+
+                    def objective(trial, tau=tau):
+                        t1 = time.time()
+                        lam = trial.suggest_float("lambda", *sw["lambda_range"])
+                        tau.apply_to(model, lam, base=keep)
+                        rates, _ = _decode_score(model, dev, ctx.tok, sw["decoding"])
+                        costs["trial_seconds"].append(time.time() - t1)
+                        return rates[sw["metric"]], {"dev_wer": rates["wer"], "dev_cer": rates["cer"]}
+
+                    name = f"syn2real-{target}-s{seed}-{kind}-{stable_hash(ctx.inputs_hash, tracking.file_hash(path), sw, n=10)}"
+                    study = sweep.run_study(name, objective, sw["trials"], experiment="syn2real_sweep",
+                                            run_prefix=f"{target}-s{seed}-{kind}", seed=sw["sampler_seed"],
+                                            enqueue=[{"lambda": v} for v in sw["enqueue"]], show_progress=False,
+                                            tags={"study": "syn2real", "seed": str(seed), "target": target,
+                                                  "vector": kind, "split": "dev"})
+                    done = sweep.complete_trials(study)
+                    # best dev value; among equals the smallest λ (the least change to the baseline)
+                    best = min(done, key=lambda t: (t.value, t.params["lambda"]))
+                    lam = best.params["lambda"]
+                    trials += [{"seed": seed, "target": target, "vector": kind, "trial": t.number,
+                                "lambda": t.params["lambda"], "dev_wer": t.user_attrs["dev_wer"],
+                                "dev_cer": t.user_attrs["dev_cer"]} for t in done]
+                    tau.apply_to(model, lam, base=keep)
+                    test_eval(model, system, seed, target, test, lam=lam, run_name=str(path))
+                    print(f"[syn2real_evaluate] s{seed} {target} {kind}: λ* = {lam:.3f} "
+                          f"(dev {sw['metric']} {best.value:.2f}, {len(done)} trials, study {name})")
+                model.load_state_dict(keep)
+    write_jsonl(results_dir / "evaluations.jsonl", records)
+    write_jsonl(results_dir / "trials.jsonl", trials)
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    summary = {"evaluations": len(records), "trials": len(trials),
+               "trial_seconds_mean": round(mean(costs["trial_seconds"]), 4),
+               "plain_eval_seconds_mean": round(mean(costs["plain_eval_seconds"]), 4),
+               "wall_seconds": round(time.time() - t_stage, 1)}
+    summary["trial_cost_ratio"] = round(summary["trial_seconds_mean"] / max(summary["plain_eval_seconds_mean"], 1e-9), 3)
+    write_json(results_dir / "evaluate.json", summary)
+    return summary

@@ -1,0 +1,157 @@
+"""Stage ``syn2real_report``: ``results/syn2real/table.{md,csv}`` shaped like the paper's Table 1 (per target:
+each system's WER and CER as mean ± std over seeds, SYN2REAL's relative change, λ*; the mean), the λ curves
+(``lambda.png``) and the baseline-vs-SYN2REAL bars (``bars.png``), from the records ``syn2real_evaluate``
+wrote. ``notebooks/syn2real.ipynb`` rebuilds the same from MLflow runs with :func:`table` and the plots.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from asrlab.io import read_jsonl, write_json, write_text
+
+SYSTEMS = ("base", "source_real", "baseline", "syn2real", "syn2real_avg", "oracle")
+
+
+def table(evals: pd.DataFrame, decoding: str) -> pd.DataFrame:
+    """Per target (rows) and the mean: each system's WER and CER as mean ± std over seeds, SYN2REAL's relative
+    change against the baseline (computed per seed, then averaged), and λ* per seed."""
+    ev = evals[evals["decoding"] == decoding]
+    rows = []
+    for target, g in ev.groupby("target", sort=False):
+        row = {"target": target}
+        for system in SYSTEMS:
+            s = g[g["system"] == system]
+            for m in ("wer", "cer"):
+                row[f"{system}_{m}"] = s[m].mean() if len(s) else float("nan")
+                row[f"{system}_{m}_std"] = s[m].std(ddof=0) if len(s) else float("nan")
+        for system in ("syn2real", "syn2real_avg"):
+            pair = g[g["system"].isin(["baseline", system])].pivot_table(index="seed", columns="system", values="wer")
+            if system in pair:
+                rel = 100 * (pair[system] - pair["baseline"]) / pair["baseline"]
+                row[f"{system}_rel_wer"], row[f"{system}_rel_wer_std"] = rel.mean(), rel.std(ddof=0)
+            lams = g[g["system"] == system].sort_values("seed")["lambda"].tolist()
+            row[f"{system}_lambda"] = " ".join(f"{x:.2f}" for x in lams)
+        rows.append(row)
+    tab = pd.DataFrame(rows)
+    mean = {"target": "mean"}
+    for c in tab.columns:
+        if c != "target" and pd.api.types.is_numeric_dtype(tab[c]) and not c.endswith("_std"):
+            mean[c] = tab[c].mean()
+    # the paper's headline: relative change of the mean WER (baseline mean → SYN2REAL mean)
+    for system in ("syn2real", "syn2real_avg"):
+        if f"{system}_wer" in tab:
+            mean[f"{system}_rel_wer"] = 100 * (tab[f"{system}_wer"].mean() - tab["baseline_wer"].mean()) / tab["baseline_wer"].mean()
+    return pd.concat([tab, pd.DataFrame([mean])], ignore_index=True)
+
+
+def _pm(v, s) -> str:
+    return "–" if pd.isna(v) else (f"{v:.2f}" if pd.isna(s) else f"{v:.2f} ± {s:.2f}")
+
+
+def markdown(tab: pd.DataFrame, decoding: str, seeds: int) -> str:
+    head = ["target", "base", "source real", "baseline", "+SYN2REAL", "rel. Δ %", "λ*", "+SYN2REAL (avg τ)",
+            "rel. Δ %", "λ* (avg)", "oracle"]
+    lines = []
+    for m in ("wer", "cer"):
+        lines += [f"**{m.upper()} % ({decoding} decoding, mean ± std over {seeds} seed(s))**", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for _, r in tab.iterrows():
+            rel = lambda s: ("–" if pd.isna(r.get(f"{s}_rel_wer")) else _pm(r[f"{s}_rel_wer"], r.get(f"{s}_rel_wer_std")))  # noqa: E731
+            cells = [r["target"]] + [_pm(r.get(f"{s}_{m}"), r.get(f"{s}_{m}_std")) for s in ("base", "source_real", "baseline", "syn2real")]
+            cells += [rel("syn2real") if m == "wer" else "", r.get("syn2real_lambda") or "",
+                      _pm(r.get(f"syn2real_avg_{m}"), r.get(f"syn2real_avg_{m}_std")),
+                      rel("syn2real_avg") if m == "wer" else "", r.get("syn2real_avg_lambda") or "",
+                      _pm(r.get(f"oracle_{m}"), r.get(f"oracle_{m}_std"))]
+            lines.append("| " + " | ".join(str(c) if not isinstance(c, float) or not pd.isna(c) else "" for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_lambda(trials: pd.DataFrame, path: str | Path | None = None):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = list(dict.fromkeys(trials["target"]))
+    fig, axes = plt.subplots(2, len(targets), figsize=(3.2 * len(targets), 5.5), squeeze=False, sharex=True)
+    for j, target in enumerate(targets):
+        for i, m in enumerate(("dev_wer", "dev_cer")):
+            ax = axes[i][j]
+            for (seed, vec), g in trials[trials["target"] == target].groupby(["seed", "vector"]):
+                g = g.sort_values("lambda")
+                ax.plot(g["lambda"], g[m], marker="o", ms=3, ls="-" if vec == "single" else "--",
+                        label=f"seed {seed}, τ {vec}")
+            ax.set_title(target if i == 0 else "")
+            ax.set_xlabel("λ" if i == 1 else "")
+            ax.set_ylabel(f"dev {m[4:].upper()} %" if j == 0 else "")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle("SYN2REAL: target real-speech dev error against λ (Optuna trials)")
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_bars(tab: pd.DataFrame, path: str | Path | None = None):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    systems = [s for s in ("baseline", "syn2real", "syn2real_avg", "oracle") if f"{s}_wer" in tab and tab[f"{s}_wer"].notna().any()]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    x = np.arange(len(tab))
+    w = 0.8 / len(systems)
+    for ax, m in zip(axes, ("wer", "cer")):
+        for k, s in enumerate(systems):
+            ax.bar(x + k * w, tab[f"{s}_{m}"], w, yerr=tab.get(f"{s}_{m}_std"), label=s, capsize=2)
+        ax.set_xticks(x + w * (len(systems) - 1) / 2, tab["target"], rotation=30)
+        ax.set_ylabel(f"test {m.upper()} %")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Target real-speech test error: baseline (target synthetic) vs + λ·τ, and the oracle")
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def run(params: dict) -> dict:
+    p = params["syn2real"]
+    out = Path(p["results_dir"])
+    evals = pd.DataFrame(read_jsonl(out / "evaluations.jsonl"))
+    trials = pd.DataFrame(read_jsonl(out / "trials.jsonl"))
+    decoding = p["sweep"]["decoding"]
+    tab = table(evals, decoding)
+    tab.to_csv(out / "table.csv", index=False, float_format="%.3f")
+    parts = [f"# SYN2REAL on {len(tab) - 1} target scenario(s)", "",
+             f"Target real-proxy test speech; λ chosen by Optuna on the target's real dev speech "
+             f"({p['sweep']['trials']} trials, objective dev {p['sweep']['metric'].upper()}, {decoding} decoding).",
+             "Relative Δ: per seed (SYN2REAL − baseline) / baseline WER, then mean ± std; the mean row's Δ is the "
+             "paper's figure, the change of the mean WER (paper: −10.03 %).", "",
+             markdown(tab, decoding, evals["seed"].nunique())]
+    for other in p["decoding"]:
+        if other != decoding:
+            parts += [f"## {other} decoding (same λ*)", "", markdown(table(evals, other), other, evals["seed"].nunique())]
+    write_text(out / "table.md", "\n".join(parts))
+    plot_lambda(trials, out / "lambda.png")
+    plot_bars(tab[tab["target"] != "mean"], out / "bars.png")
+    mean = tab[tab["target"] == "mean"].iloc[0]
+    per_target = tab[tab["target"] != "mean"]
+    metrics = {"decoding": decoding, "targets": len(per_target), "seeds": int(evals["seed"].nunique()),
+               "baseline_wer": round(mean["baseline_wer"], 3), "syn2real_wer": round(mean["syn2real_wer"], 3),
+               "baseline_cer": round(mean["baseline_cer"], 3), "syn2real_cer": round(mean["syn2real_cer"], 3),
+               "rel_wer_change_of_mean": round(mean["syn2real_rel_wer"], 3),
+               "rel_wer_change_mean_per_target": round(per_target["syn2real_rel_wer"].mean(), 3),
+               "targets_improved": int((per_target["syn2real_rel_wer"] < 0).sum())}
+    if "syn2real_avg_wer" in mean and pd.notna(mean["syn2real_avg_wer"]):
+        metrics.update(syn2real_avg_wer=round(mean["syn2real_avg_wer"], 3),
+                       syn2real_avg_cer=round(mean["syn2real_avg_cer"], 3),
+                       rel_wer_change_of_mean_avg=round(mean["syn2real_avg_rel_wer"], 3))
+    write_json(out / "metrics.json", metrics)
+    print(parts[-1] if len(parts) < 6 else markdown(tab, decoding, evals["seed"].nunique()))
+    return metrics

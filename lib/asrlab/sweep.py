@@ -1,0 +1,91 @@
+"""Optuna sweeps shared by the studies: one storage, seeded TPE, every trial also an MLflow run, resumable.
+
+- Storage: ``OPTUNA_STORAGE`` (any SQLAlchemy URL, e.g. PostgreSQL) or the embedded default
+  ``sqlite:///<repo>/optuna.db``. An RDB storage with a heartbeat: a trial whose process died is marked
+  failed after the grace period and retried once (``RetryFailedTrialCallback``).
+- Resume: a study is identified by its name (callers put a hash of their inputs in it); rerunning a killed
+  sweep keeps the completed trials and runs only the missing ones, until ``n_trials`` trials are complete.
+- Tracking: each trial runs inside an MLflow run named ``<run_prefix>-t<number>`` with the trial's params,
+  the objective's metrics and the study/trial as tags.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import mlflow
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+
+from asrlab import tracking
+
+Objective = Callable[[optuna.Trial], tuple[float, dict[str, float]]]
+
+
+def storage_url(root: str | Path = ".") -> str:
+    return os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{Path(root).resolve() / 'optuna.db'}"
+
+
+def storage(root: str | Path = ".", heartbeat_interval: int = 10, grace_period: int = 30) -> RDBStorage:
+    with warnings.catch_warnings():  # heartbeats are "experimental" in optuna 5 yet the documented route
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(storage_url(root), heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+
+
+def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def close_stale(study: optuna.Study, root: str | Path = ".") -> int:
+    """Fail the trials whose worker died (no heartbeat for the grace period; each is requeued once) and mark
+    their MLflow runs KILLED, so that no run stays RUNNING. Returns how many runs were closed."""
+    optuna.storages.fail_stale_trials(study)
+    client = mlflow.MlflowClient(tracking.tracking_uri(root))
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if run_id and client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+            n += 1
+    return n
+
+
+def run_study(name: str, objective: Objective, n_trials: int, *, experiment: str, run_prefix: str,
+              seed: int = 0, direction: str = "minimize", enqueue: list[dict] = (), tags: dict | None = None,
+              root: str | Path = ".", show_progress: bool = True, heartbeat_interval: int = 10,
+              grace_period: int = 30) -> optuna.Study:
+    """Create or resume study ``name`` and run trials until ``n_trials`` are complete.
+
+    ``objective(trial)`` returns (value to minimise, metrics to log). ``enqueue``: param sets evaluated
+    first (e.g. λ = 0, the unmerged model), each enqueued once even across resumes.
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="optuna")
+    study = optuna.create_study(study_name=name, storage=storage(root, heartbeat_interval, grace_period),
+                                direction=direction, load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed))
+    close_stale(study, root)
+    for params in enqueue:
+        study.enqueue_trial(params, skip_if_exists=True)
+
+    def tracked(trial: optuna.Trial) -> float:
+        run_tags = {**(tags or {}), "optuna_study": name, "optuna_trial": str(trial.number)}
+        with tracking.run(experiment, f"{run_prefix}-t{trial.number}", tags=run_tags, root=root) as active:
+            trial.set_user_attr("mlflow_run_id", active.info.run_id)
+            value, metrics = objective(trial)
+            mlflow.log_params(trial.params)
+            mlflow.log_metrics({"objective": value, **metrics})
+            for k, v in metrics.items():
+                trial.set_user_attr(k, v)
+        return value
+
+    remaining = n_trials - len(complete_trials(study))
+    if remaining > 0:
+        study.optimize(tracked, n_trials=remaining, show_progress_bar=show_progress,
+                       callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))])
+    return study
