@@ -45,7 +45,9 @@ def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def close_stale(study: optuna.Study, root: str | Path = ".") -> int:
     """Fail the trials whose worker died (no heartbeat for the grace period; each is requeued once) and mark
     their MLflow runs KILLED, so that no run stays RUNNING. Returns how many runs were closed."""
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     client = mlflow.MlflowClient(tracking.tracking_uri(root))
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
@@ -57,10 +59,11 @@ def close_stale(study: optuna.Study, root: str | Path = ".") -> int:
 
 
 def run_study(name: str, objective: Objective, n_trials: int, *, experiment: str, run_prefix: str,
-              seed: int = 0, direction: str = "minimize", enqueue: list[dict] = (), tags: dict | None = None,
+              seed: int = 0, startup_trials: int = 4, direction: str = "minimize", enqueue: list[dict] = (), tags: dict | None = None,
               root: str | Path = ".", show_progress: bool = True, heartbeat_interval: int = 10,
               grace_period: int = 30) -> optuna.Study:
-    """Create or resume study ``name`` and run trials until ``n_trials`` are complete.
+    """Create or resume study ``name`` and run trials until ``n_trials`` are complete: ``startup_trials``
+    random ones (seeded), then TPE.
 
     ``objective(trial)`` returns (value to minimise, metrics to log). ``enqueue``: param sets evaluated
     first (e.g. λ = 0, the unmerged model), each enqueued once even across resumes.
@@ -68,7 +71,7 @@ def run_study(name: str, objective: Objective, n_trials: int, *, experiment: str
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="optuna")
     study = optuna.create_study(study_name=name, storage=storage(root, heartbeat_interval, grace_period),
-                                direction=direction, load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed))
+                                direction=direction, load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials))
     close_stale(study, root)
     for params in enqueue:
         study.enqueue_trial(params, skip_if_exists=True)

@@ -97,6 +97,9 @@ def plan(p: dict, scenarios: list[str], sizes: dict[str, int] | None = None) -> 
             for kind, pools in (("real", (real,)), ("syn", (syn,)), ("mix", (real, syn))):
                 runs.append(Run(f"s{seed}/{src}/source_{kind}", "base", pools, source, ft["source"], seed))
             if seed in ms["seeds"] and ms["groups"] > 1:
+                if len(source) < ms["groups"]:
+                    raise ValueError(f"syn2real.multi_source.groups = {ms['groups']} but source set {src!r} has only "
+                                     f"{len(source)} scenario(s) with speech: {list(source)}")
                 for g, group in enumerate(groups_of(source, ms["groups"], sizes)):
                     for kind, pools in (("real", (real,)), ("syn", (syn,))):
                         runs.append(Run(f"s{seed}/{src}/group{g}_{kind}", "base", pools, group, ms["train"], seed))
@@ -301,6 +304,7 @@ def evaluate(params: dict) -> dict:
                     name = f"syn2real-{target}-s{seed}-{kind}-{stable_hash(ctx.inputs_hash, tracking.file_hash(path), sw, n=10)}"
                     study = sweep.run_study(name, objective, sw["trials"], experiment="syn2real_sweep",
                                             run_prefix=f"{target}-s{seed}-{kind}", seed=sw["sampler_seed"],
+                                            startup_trials=sw["startup_trials"],
                                             enqueue=[{"lambda": v} for v in sw["enqueue"]], show_progress=False,
                                             tags={"study": "syn2real", "seed": str(seed), "target": target,
                                                   "vector": kind, "split": "dev"})

@@ -26,12 +26,14 @@ def table(evals: pd.DataFrame, decoding: str) -> pd.DataFrame:
             s = g[g["system"] == system]
             for m in ("wer", "cer"):
                 row[f"{system}_{m}"] = s[m].mean() if len(s) else float("nan")
-                row[f"{system}_{m}_std"] = s[m].std(ddof=0) if len(s) else float("nan")
+                row[f"{system}_{m}_std"] = s[m].std(ddof=0) if len(s) > 1 else float("nan")  # one run: no ±
         for system in ("syn2real", "syn2real_avg"):
-            pair = g[g["system"].isin(["baseline", system])].pivot_table(index="seed", columns="system", values="wer")
-            if system in pair:
-                rel = 100 * (pair[system] - pair["baseline"]) / pair["baseline"]
-                row[f"{system}_rel_wer"], row[f"{system}_rel_wer_std"] = rel.mean(), rel.std(ddof=0)
+            for m in ("wer", "cer"):
+                pair = g[g["system"].isin(["baseline", system])].pivot_table(index="seed", columns="system", values=m)
+                if system in pair:
+                    rel = 100 * (pair[system] - pair["baseline"]) / pair["baseline"]
+                    row[f"{system}_rel_{m}"] = rel.mean()
+                    row[f"{system}_rel_{m}_std"] = rel.std(ddof=0) if len(rel) > 1 else float("nan")
             lams = g[g["system"] == system].sort_values("seed")["lambda"].tolist()
             row[f"{system}_lambda"] = " ".join(f"{x:.2f}" for x in lams)
         rows.append(row)
@@ -42,8 +44,9 @@ def table(evals: pd.DataFrame, decoding: str) -> pd.DataFrame:
             mean[c] = tab[c].mean()
     # the paper's headline: relative change of the mean WER (baseline mean → SYN2REAL mean)
     for system in ("syn2real", "syn2real_avg"):
-        if f"{system}_wer" in tab:
-            mean[f"{system}_rel_wer"] = 100 * (tab[f"{system}_wer"].mean() - tab["baseline_wer"].mean()) / tab["baseline_wer"].mean()
+        for m in ("wer", "cer"):
+            if f"{system}_{m}" in tab:
+                mean[f"{system}_rel_{m}"] = 100 * (tab[f"{system}_{m}"].mean() - tab[f"baseline_{m}"].mean()) / tab[f"baseline_{m}"].mean()
     return pd.concat([tab, pd.DataFrame([mean])], ignore_index=True)
 
 
@@ -59,11 +62,11 @@ def markdown(tab: pd.DataFrame, decoding: str, seeds: int) -> str:
         lines += [f"**{m.upper()} % ({decoding} decoding, mean ± std over {seeds} seed(s))**", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for _, r in tab.iterrows():
-            rel = lambda s: ("–" if pd.isna(r.get(f"{s}_rel_wer")) else _pm(r[f"{s}_rel_wer"], r.get(f"{s}_rel_wer_std")))  # noqa: E731
+            rel = lambda s: ("–" if pd.isna(r.get(f"{s}_rel_{m}")) else _pm(r[f"{s}_rel_{m}"], r.get(f"{s}_rel_{m}_std")))  # noqa: E731
             cells = [r["target"]] + [_pm(r.get(f"{s}_{m}"), r.get(f"{s}_{m}_std")) for s in ("base", "source_real", "baseline", "syn2real")]
-            cells += [rel("syn2real") if m == "wer" else "", r.get("syn2real_lambda") or "",
+            cells += [rel("syn2real"), r.get("syn2real_lambda") or "",
                       _pm(r.get(f"syn2real_avg_{m}"), r.get(f"syn2real_avg_{m}_std")),
-                      rel("syn2real_avg") if m == "wer" else "", r.get("syn2real_avg_lambda") or "",
+                      rel("syn2real_avg"), r.get("syn2real_avg_lambda") or "",
                       _pm(r.get(f"oracle_{m}"), r.get(f"oracle_{m}_std"))]
             lines.append("| " + " | ".join(str(c) if not isinstance(c, float) or not pd.isna(c) else "" for c in cells) + " |")
         lines.append("")
@@ -131,8 +134,9 @@ def run(params: dict) -> dict:
     parts = [f"# SYN2REAL on {len(tab) - 1} target scenario(s)", "",
              f"Target real-proxy test speech; λ chosen by Optuna on the target's real dev speech "
              f"({p['sweep']['trials']} trials, objective dev {p['sweep']['metric'].upper()}, {decoding} decoding).",
-             "Relative Δ: per seed (SYN2REAL − baseline) / baseline WER, then mean ± std; the mean row's Δ is the "
-             "paper's figure, the change of the mean WER (paper: −10.03 %).", "",
+             "Relative Δ: per seed (SYN2REAL − baseline) / baseline, then mean ± std over seeds; the mean row's Δ is "
+             "the paper's figure, the change of the mean (paper: WER −10.03 %). Source models and τ are shared by "
+             "the seeds (`source_seeds`); base, source real and oracle are single runs.", "",
              markdown(tab, decoding, evals["seed"].nunique())]
     for other in p["decoding"]:
         if other != decoding:
@@ -147,11 +151,16 @@ def run(params: dict) -> dict:
                "baseline_cer": round(mean["baseline_cer"], 3), "syn2real_cer": round(mean["syn2real_cer"], 3),
                "rel_wer_change_of_mean": round(mean["syn2real_rel_wer"], 3),
                "rel_wer_change_mean_per_target": round(per_target["syn2real_rel_wer"].mean(), 3),
-               "targets_improved": int((per_target["syn2real_rel_wer"] < 0).sum())}
+               "rel_wer_change_std_over_targets": round(per_target["syn2real_rel_wer"].std(ddof=0), 3),
+               "rel_cer_change_of_mean": round(mean["syn2real_rel_cer"], 3),
+               "targets_improved_wer": int((per_target["syn2real_rel_wer"] < 0).sum()),
+               "targets_improved_cer": int((per_target["syn2real_rel_cer"] < 0).sum()),
+               "lambda_star": {t: lam for t, lam in zip(per_target["target"], per_target["syn2real_lambda"])}}
     if "syn2real_avg_wer" in mean and pd.notna(mean["syn2real_avg_wer"]):
         metrics.update(syn2real_avg_wer=round(mean["syn2real_avg_wer"], 3),
                        syn2real_avg_cer=round(mean["syn2real_avg_cer"], 3),
-                       rel_wer_change_of_mean_avg=round(mean["syn2real_avg_rel_wer"], 3))
+                       rel_wer_change_of_mean_avg=round(mean["syn2real_avg_rel_wer"], 3),
+                       rel_cer_change_of_mean_avg=round(mean["syn2real_avg_rel_cer"], 3))
     write_json(out / "metrics.json", metrics)
     print(parts[-1] if len(parts) < 6 else markdown(tab, decoding, evals["seed"].nunique()))
     return metrics
