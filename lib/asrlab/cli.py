@@ -18,6 +18,11 @@ STAGES = {  # command -> (module, function)
     "pretrain_lm": ("pretrain", "pretrain_lm"), "pretrain_llm_asr": ("pretrain", "pretrain_llm_asr"),
     "eval_base": ("eval_base", "run"),
 }
+STAGES.update({  # soft_tokens study (issue 7)
+    "soft_tokens_ssl": ("soft_tokens", "ssl"), "soft_tokens_layer": ("soft_tokens", "layer"),
+    "soft_tokens_kmeans": ("soft_tokens", "kmeans"), "soft_tokens_train": ("soft_tokens", "train_downstream"),
+    "soft_tokens_sweep": ("soft_tokens_eval", "sweep"), "soft_tokens_eval": ("soft_tokens_eval", "evaluate"),
+})
 
 
 def _profile(args) -> None:
