@@ -21,6 +21,7 @@ import mlflow
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from threadpoolctl import threadpool_limits
 
 from asrlab import tracking
 from asrlab.audio.features import FeatureStore
@@ -188,7 +189,8 @@ def kmeans(params: dict) -> dict:
     summary = {"frames": len(sample), "dim": int(frames.shape[1]), "per_k": {}}
     for k in km["ks"]:
         t = time.time()
-        c = fit_kmeans(sample, k, km["seed"], km.get("batch_size", 4096), km.get("max_iter", 50))
+        with threadpool_limits(torch.get_num_threads()):  # scikit-learn's OpenMP threads obey ASRLAB_THREADS too
+            c = fit_kmeans(sample, k, km["seed"], km.get("batch_size", 4096), km.get("max_iter", 50))
         with atomic_path(paths["centroids"] / f"k{k}.npy") as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, c)

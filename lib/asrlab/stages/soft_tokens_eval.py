@@ -2,7 +2,8 @@
 
 - ``soft_tokens_sweep``: per evaluation condition (dev set) and K, an Optuna study of the temperature τ of
   the soft assignment, objective the dev WER averaged over the hard-token models' seeds. A log-spaced grid
-  is enqueued first (so the WER-against-τ curve is seen whole), then TPE. Every trial is an MLflow run
+  is enqueued first (so the WER-against-τ curve is seen whole), then TPE. ``sweep.metric`` picks WER (the
+  paper) or CER (steadier where a small character CTC model leaves WER near 100 %). Every trial is an MLflow run
   (experiment ``soft_tokens_sweep``). Storage: ``OPTUNA_STORAGE`` or ``sqlite:///<repo>/optuna.db``; a
   rerun resumes a study by name (its inputs' hash is in the name).
 - ``soft_tokens_eval``: every system on every test set — continuous features, K hard/hard, K hard/soft at
@@ -66,7 +67,8 @@ def sweep(params: dict) -> dict:
     sw, paths = p["sweep"], _paths(p)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     lo, hi = sw["tau_range"]
-    out = {"tau_range": [lo, hi], "conditions": {}}
+    metric = sw.get("metric", "wer")
+    out = {"tau_range": [lo, hi], "metric": metric, "conditions": {}}
     inputs = stable_hash(sw, tracking.file_hash(paths["downstream"]), tracking.file_hash(paths["centroids"]), n=10)
     for cond in p["sets"]["dev"]:
         dev = LayerSet(paths["layer"], f"dev_{cond}")
@@ -76,6 +78,7 @@ def sweep(params: dict) -> dict:
             dev.use("tokens", c)
             hard = [score(m, dev)[0] for m in models]
             hard_wer = statistics.mean(r["wer"] for r in hard)
+            hard_cer = statistics.mean(r["cer"] for r in hard)
 
             def objective(trial: optuna.Trial) -> float:
                 tau = trial.suggest_float("tau", lo, hi, log=True)
@@ -86,9 +89,10 @@ def sweep(params: dict) -> dict:
                                   params={"tau": tau, "k": k, "set": f"dev_{cond}", "top_k": sw.get("top_k"),
                                           "seeds": len(models)},
                                   tags={"optuna_study": study.study_name, "optuna_trial": str(trial.number)}):
-                    mlflow.log_metrics({"wer": wer, "cer": cer, "hard_wer": hard_wer})
+                    mlflow.log_metrics({"wer": wer, "cer": cer, "hard_wer": hard_wer, "hard_cer": hard_cer})
                 trial.set_user_attr("cer", cer)
-                return wer
+                trial.set_user_attr("wer", wer)
+                return {"wer": wer, "cer": cer}[metric]
 
             study = optuna.create_study(study_name=f"soft_tokens-{cond}-k{k}-{inputs}", storage=storage_url(),
                                         direction="minimize", load_if_exists=True,
@@ -101,12 +105,14 @@ def sweep(params: dict) -> dict:
                 study.optimize(objective, n_trials=sw["n_trials"] - len(done))
             trials = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
                             key=lambda t: t.params["tau"])
+            best = study.best_trial
             out["conditions"][cond][str(k)] = {
-                "tau_star": study.best_params["tau"], "dev_wer_soft": study.best_value, "dev_wer_hard": hard_wer,
-                "dev_cer_hard": statistics.mean(r["cer"] for r in hard), "study": study.study_name,
-                "trials": [{"tau": t.params["tau"], "wer": t.value, "cer": t.user_attrs.get("cer")} for t in trials]}
-            print(f"[soft_tokens_sweep] {cond} K={k}: hard {hard_wer:.1f}, τ*={study.best_params['tau']:.3g} "
-                  f"-> {study.best_value:.1f} WER")
+                "tau_star": best.params["tau"], "dev_wer_soft": best.user_attrs["wer"],
+                "dev_cer_soft": best.user_attrs["cer"], "dev_wer_hard": hard_wer, "dev_cer_hard": hard_cer,
+                "study": study.study_name,
+                "trials": [{"tau": t.params["tau"], "wer": t.user_attrs["wer"], "cer": t.user_attrs["cer"]} for t in trials]}
+            print(f"[soft_tokens_sweep] {cond} K={k}: hard WER/CER {hard_wer:.1f}/{hard_cer:.1f}, "
+                  f"τ*={best.params['tau']:.3g} -> {best.user_attrs['wer']:.1f}/{best.user_attrs['cer']:.1f}")
     out["wall_seconds"] = round(time.time() - t0, 1)
     write_json(paths["results"] / "sweep.json", out)
     return out
@@ -209,21 +215,23 @@ def table_markdown(table: pd.DataFrame, taus: dict) -> str:
 
 
 def plot_tau(taus: dict, path: Path) -> None:
-    """Dev WER against τ per condition and K (the paper's U shape), hard assignment dashed."""
+    """Dev WER and CER against τ per condition and K (the paper's U shape), hard assignment dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(taus), figsize=(4.2 * len(taus), 3.4), squeeze=False)
-    for ax, (cond, ks) in zip(axes[0], taus.items()):
-        for i, (k, v) in enumerate(ks.items()):
-            t = [x["tau"] for x in v["trials"]]
-            ax.plot(t, [x["wer"] for x in v["trials"]], "o-", ms=3, color=f"C{i}", label=f"K={k} soft")
-            ax.axhline(v["dev_wer_hard"], ls="--", color=f"C{i}", lw=1, label=f"K={k} hard")
-        ax.set_xscale("log")
-        ax.set_xlabel("τ")
-        ax.set_ylabel("dev WER (%)")
-        ax.set_title(cond)
-        ax.legend(fontsize=7)
+    fig, axes = plt.subplots(2, len(taus), figsize=(4.2 * len(taus), 6.4), squeeze=False)
+    for col, (cond, ks) in enumerate(taus.items()):
+        for row, m in enumerate(("wer", "cer")):
+            ax = axes[row][col]
+            for i, (k, v) in enumerate(ks.items()):
+                t = [x["tau"] for x in v["trials"]]
+                ax.plot(t, [x[m] for x in v["trials"]], "o-", ms=3, color=f"C{i}", label=f"K={k} soft")
+                ax.axhline(v[f"dev_{m}_hard"], ls="--", color=f"C{i}", lw=1, label=f"K={k} hard")
+            ax.set_xscale("log")
+            ax.set_xlabel("τ")
+            ax.set_ylabel(f"dev {m.upper()} (%)")
+            ax.set_title(cond)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
