@@ -160,3 +160,23 @@ def test_stacking_and_mfcc_rates():
     m = mfcc(logmel.numpy(), 4)
     assert m.shape == (25, 39) and m.dtype == np.float32
     assert stack_frames(torch.randn(3, 80), 4).shape == (1, 320)  # shorter than one stack: padded, not empty
+
+
+def test_layer_set_round_trip_and_input_modes(tmp_path):
+    from asrlab.ssl.layerdata import LayerSet, save_set
+
+    rows = [{"id": f"u{i}", "text": t, "split": "dev", "pool": "synthetic"} for i, t in enumerate(["set an alarm", "hi"])]
+    frames = [torch.randn(7, 6), torch.randn(4, 6)]
+    save_set(tmp_path, "dev_x", rows, frames)
+    data = LayerSet(tmp_path, "dev_x")
+    assert data.lengths == [7, 4] and [r["id"] for r in data.rows] == ["u0", "u1"]
+    c = torch.randn(5, 6)
+    feats = data.use("features").collate([0, 1])
+    assert feats["inputs"].shape == (2, 7, 6) and torch.equal(feats["inputs"][1, 4:], torch.zeros(3, 6))
+    assert feats["targets"].shape[0] == 2 and feats["target_lengths"].tolist() == [12, 2]
+    hard = data.use("tokens", c).collate([0, 1])["inputs"]
+    assert hard.dtype == torch.int64 and torch.equal(hard[0], hard_assign(frames[0].half().float(), c))
+    soft = data.use("soft", c, tau=0.0).collate([0, 1])["inputs"]
+    assert soft.shape == (2, 7, 5) and torch.equal(soft[0].argmax(-1), hard[0])
+    with pytest.raises(ValueError, match="mode"):
+        data.use("logits")
