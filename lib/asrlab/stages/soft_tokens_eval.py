@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -121,39 +122,39 @@ def sweep(params: dict) -> dict:
 # -------------------------------------------------------------------------------------------------- eval
 
 
-def _label(system: str, k: int | None, decoding: str) -> str:
-    return "continuous" if system == "continuous" else f"K={k} hard/{decoding}"
-
-
 def evaluate(params: dict) -> dict:
     p, t0 = params["soft_tokens"], time.time()
     _threads()
     paths = _paths(p)
     res = paths["results"]
-    taus = read_jsonl_json(res / "sweep.json")["conditions"]
+    taus = _read_json(res / "sweep.json")["conditions"]
     long = []
     for cond in p["sets"]["test"]:
         data = LayerSet(paths["layer"], f"test_{cond}")
         hyps = {"id": [r["id"] for r in data.rows], "ref": [r["text"] for r in data.rows]}
         for sysm in systems(p):
             model = load_downstream(paths["downstream"] / f"{sysm['name']}.safetensors")
-            if sysm["k"] is None:
-                runs = [("continuous", data.use("features"), None)]
+            k = sysm["k"]
+            if k is None:
+                decodings = [("continuous", None)]
             else:
-                c, tau = load_centroids(p, sysm["k"]), taus[cond][str(sysm["k"])]["tau_star"]
-                runs = [("hard", data.use("tokens", c), 0.0)]
-                runs.append(("soft", None, tau))
-            for decoding, _, tau in runs:
-                if decoding == "soft":
+                c = load_centroids(p, k)
+                decodings = [("hard", 0.0), ("soft", taus[cond][str(k)]["tau_star"])]
+            for decoding, tau in decodings:
+                if decoding == "continuous":
+                    data.use("features")
+                elif decoding == "hard":
+                    data.use("tokens", c)
+                else:
                     data.use("soft", c, tau, p["sweep"].get("top_k"))
                 rates, h = score(model, data)
-                label = _label("continuous" if sysm["k"] is None else "tokens", sysm["k"], decoding)
+                label = "continuous" if k is None else f"K={k} hard/{decoding}"
                 hyps[f"{label} s{sysm['seed']}"] = h
-                row = {"system": label, "k": sysm["k"], "decoding": decoding, "seed": sysm["seed"],
-                       "set": cond, "tau": tau, "wer": rates["wer"], "cer": rates["cer"], "utterances": rates["utterances"]}
+                row = {"system": label, "k": k, "decoding": decoding, "seed": sysm["seed"], "set": cond, "tau": tau,
+                       "wer": rates["wer"], "cer": rates["cer"], "utterances": rates["utterances"]}
                 long.append(row)
                 with tracking.run("soft_tokens_eval", f"{cond}-{sysm['name']}-{decoding}",
-                                  params={k: v for k, v in row.items() if k not in ("wer", "cer")},
+                                  params={n: v for n, v in row.items() if n not in ("wer", "cer")},
                                   tags={"model_kind": "downstream_ctc"}):
                     mlflow.log_metrics({"wer": rates["wer"], "cer": rates["cer"]})
         write_hypotheses(res / "hyps" / f"{cond}.tsv", [dict(zip(hyps, vals)) for vals in zip(*hyps.values())])
@@ -169,7 +170,7 @@ def evaluate(params: dict) -> dict:
     for stage in ("ssl", "layer", "kmeans", "train", "sweep"):
         f = res / f"{stage}.json"
         if f.is_file():
-            metrics["wall_seconds"][f"soft_tokens_{stage}"] = read_jsonl_json(f).get("wall_seconds")
+            metrics["wall_seconds"][f"soft_tokens_{stage}"] = _read_json(f).get("wall_seconds")
     metrics["wall_seconds"]["soft_tokens_eval"] = round(time.time() - t0, 1)
     metrics["wall_seconds"]["total"] = round(sum(v or 0 for v in metrics["wall_seconds"].values()), 1)
     write_json(res / "metrics.json", metrics)
@@ -177,8 +178,7 @@ def evaluate(params: dict) -> dict:
     return metrics
 
 
-def read_jsonl_json(path: Path) -> dict:
-    import json
+def _read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
@@ -205,6 +205,15 @@ def table_markdown(table: pd.DataFrame, taus: dict) -> str:
     notes = [f"WER mean ± std over {seeds} seeds / CER mean, in %; greedy character CTC. hard/soft uses the τ* "
              "tuned on the condition's dev set:"]
     notes += [f"- {cond}: " + ", ".join(f"K={k} τ*={v['tau_star']:.3g}" for k, v in ks.items()) for cond, ks in taus.items()]
+    mean = {(r.system, r.set): (r.wer_mean, r.cer_mean) for r in table.itertuples()}
+    for k in dict.fromkeys(s.split()[0] for s in systems_ if s.startswith("K=")):
+        parts = []
+        for t in sets:
+            hard, soft, cont = mean.get((f"{k} hard/hard", t)), mean.get((f"{k} hard/soft", t)), mean.get(("continuous", t))
+            if hard and soft and cont:
+                parts.append(f"{t} {soft[0] - hard[0]:+.1f} / {soft[1] - hard[1]:+.1f} (soft − continuous "
+                             f"{soft[0] - cont[0]:+.1f} / {soft[1] - cont[1]:+.1f})")
+        notes.append(f"- {k}, soft − hard WER / CER points: " + "; ".join(parts))
     floor = floor_sets(table)
     if floor:
         notes.append(f"- At the floor (CER ≥ {FLOOR_CER:.0f} % for every system): {', '.join(floor)} — no comparison "
