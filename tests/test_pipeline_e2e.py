@@ -140,3 +140,48 @@ def test_second_repro_is_a_noop(smoke_repo: Path):
     assert "Running stage" not in out, out
     status = run(["dvc", "status"], smoke_repo)
     assert "up to date" in status.stdout.lower(), status.stdout
+
+
+# ------------------------------------------------------------------------------ soft_tokens study (issue 7)
+
+
+def test_smoke_repro_runs_the_soft_tokens_study(smoke_repo: Path):
+    import mlflow
+
+    p = yaml.safe_load((smoke_repo / "params.yaml").read_text())["soft_tokens"]
+    ks, seeds = p["kmeans"]["ks"], p["downstream"]["seeds"]
+    res = smoke_repo / "results/soft_tokens"
+    for k in ks:
+        assert (smoke_repo / f"models/soft_tokens/centroids/k{k}.npy").is_file()
+    train = json.loads((res / "train.json").read_text())
+    assert set(train["models"]) == {f"{s}-s{seed}" for seed in seeds for s in ["continuous"] + [f"k{k}" for k in ks]}
+    sweep = json.loads((res / "sweep.json").read_text())
+    assert set(sweep["conditions"]) == set(p["sets"]["dev"])
+    for ks_ in sweep["conditions"].values():
+        for v in ks_.values():
+            assert len(v["trials"]) == p["sweep"]["n_trials"] and v["tau_star"] > 0
+    table = (res / "table.md").read_text()
+    for k in ks:
+        assert f"K={k} hard/hard" in table and f"K={k} hard/soft" in table
+    assert (res / "wer_vs_tau.png").stat().st_size > 0
+    metrics = json.loads((res / "metrics.json").read_text())
+    assert metrics["wall_seconds"]["total"] > 0 and set(metrics["tau_star"]) == set(p["sets"]["test"])
+    mlflow.set_tracking_uri(f"sqlite:///{smoke_repo / 'mlflow.db'}")
+    sweep_runs = mlflow.search_runs(experiment_names=["soft_tokens_sweep"])
+    assert len(sweep_runs) == len(p["sets"]["dev"]) * len(ks) * p["sweep"]["n_trials"]
+    eval_runs = mlflow.search_runs(experiment_names=["soft_tokens_eval"])
+    assert len(eval_runs) == len(p["sets"]["test"]) * len(seeds) * (1 + 2 * len(ks))
+    assert set(eval_runs["status"]) == {"FINISHED"}
+
+
+def test_soft_tokens_notebook_rebuilds_the_table_from_mlflow(smoke_repo: Path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("ASRLAB_ROOT", str(smoke_repo))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "lib"), os.environ.get("PYTHONPATH", "")]))
+    nb = nbformat.read(ROOT / "notebooks/soft_tokens.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = "".join(o.get("text", "") + json.dumps(o.get("data", {})) for c in nb.cells for o in c.get("outputs", []))
+    assert "hard/soft" in outputs and "sets at the floor" in outputs

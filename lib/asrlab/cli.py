@@ -20,6 +20,11 @@ STAGES = {  # command -> (module, function)
     "syn2real_finetune": ("syn2real", "finetune"), "syn2real_vectors": ("syn2real", "vectors"),
     "syn2real_evaluate": ("syn2real", "evaluate"), "syn2real_report": ("syn2real_report", "run"),
 }
+STAGES.update({  # soft_tokens study (issue 7)
+    "soft_tokens_ssl": ("soft_tokens", "ssl"), "soft_tokens_layer": ("soft_tokens", "layer"),
+    "soft_tokens_kmeans": ("soft_tokens", "kmeans"), "soft_tokens_train": ("soft_tokens", "train_downstream"),
+    "soft_tokens_sweep": ("soft_tokens_eval", "sweep"), "soft_tokens_eval": ("soft_tokens_eval", "evaluate"),
+})
 
 
 def _profile(args) -> None:

@@ -1,0 +1,247 @@
+"""Stages ``soft_tokens_sweep`` and ``soft_tokens_eval`` of the soft_tokens study (arXiv 2606.06806).
+
+- ``soft_tokens_sweep``: per evaluation condition (dev set) and K, an Optuna study of the temperature τ of
+  the soft assignment, objective the dev WER averaged over the hard-token models' seeds. A log-spaced grid
+  is enqueued first (so the WER-against-τ curve is seen whole), then TPE. ``sweep.metric`` picks WER (the
+  paper) or CER (steadier where a small character CTC model leaves WER near 100 %). Every trial is an MLflow run
+  (experiment ``soft_tokens_sweep``). Storage: ``OPTUNA_STORAGE`` or ``sqlite:///<repo>/optuna.db``; a
+  rerun resumes a study by name (its inputs' hash is in the name).
+- ``soft_tokens_eval``: every system on every test set — continuous features, K hard/hard, K hard/soft at
+  the condition's τ* — one MLflow run each (experiment ``soft_tokens_eval``); the table (mean ± std over
+  seeds), the CSV, WER against τ (the figure) and ``metrics.json`` with every stage's wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+
+from asrlab import tracking
+from asrlab.evaluation import error_rates, write_hypotheses
+from asrlab.io import stable_hash, write_json, write_text
+from asrlab.ssl.layerdata import LayerSet
+from asrlab.stages.soft_tokens import _paths, _threads, load_centroids, load_downstream, systems
+from asrlab.text import chars_to_text
+
+FLOOR_CER = 70.0
+
+
+def transcribe(model, data: LayerSet, max_frames: int = 20000) -> list[str]:
+    """Greedy CTC hypotheses for every utterance of ``data`` in its current input mode, in order."""
+    order = sorted(range(len(data)), key=lambda i: -data.lengths[i])
+    hyps: list[str] = [""] * len(data)
+    i = 0
+    while i < len(order):
+        per = max(1, max_frames // data.lengths[order[i]])
+        idx = order[i: i + per]
+        x, lengths = data.inputs(idx)
+        for j, ids in zip(idx, model.generate(x, lengths)):
+            hyps[j] = chars_to_text(ids)
+        i += per
+    return hyps
+
+
+def score(model, data: LayerSet) -> tuple[dict, list[str]]:
+    hyps = transcribe(model, data)
+    return error_rates([r["text"] for r in data.rows], hyps), hyps
+
+
+def _models(p: dict, k: int) -> list:
+    return [load_downstream(_paths(p)["downstream"] / f"k{k}-s{seed}.safetensors") for seed in p["downstream"]["seeds"]]
+
+
+def storage_url() -> str:
+    return os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{Path('optuna.db').resolve()}"
+
+
+def sweep(params: dict) -> dict:
+    p, t0 = params["soft_tokens"], time.time()
+    _threads()
+    sw, paths = p["sweep"], _paths(p)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    lo, hi = sw["tau_range"]
+    metric = sw.get("metric", "wer")
+    out = {"tau_range": [lo, hi], "metric": metric, "conditions": {}}
+    inputs = stable_hash(sw, tracking.file_hash(paths["downstream"]), tracking.file_hash(paths["centroids"]), n=10)
+    for cond in p["sets"]["dev"]:
+        dev = LayerSet(paths["layer"], f"dev_{cond}")
+        out["conditions"][cond] = {}
+        for k in p["kmeans"]["ks"]:
+            c, models = load_centroids(p, k), _models(p, k)
+            dev.use("tokens", c)
+            hard = [score(m, dev)[0] for m in models]
+            hard_wer = statistics.mean(r["wer"] for r in hard)
+            hard_cer = statistics.mean(r["cer"] for r in hard)
+
+            def objective(trial: optuna.Trial) -> float:
+                tau = trial.suggest_float("tau", lo, hi, log=True)
+                dev.use("soft", c, tau, sw.get("top_k"))
+                rates = [score(m, dev)[0] for m in models]
+                wer, cer = statistics.mean(r["wer"] for r in rates), statistics.mean(r["cer"] for r in rates)
+                with tracking.run("soft_tokens_sweep", f"{cond}-k{k}-t{trial.number}",
+                                  params={"tau": tau, "k": k, "set": f"dev_{cond}", "top_k": sw.get("top_k"),
+                                          "seeds": len(models)},
+                                  tags={"optuna_study": study.study_name, "optuna_trial": str(trial.number)}):
+                    mlflow.log_metrics({"wer": wer, "cer": cer, "hard_wer": hard_wer, "hard_cer": hard_cer})
+                trial.set_user_attr("cer", cer)
+                trial.set_user_attr("wer", wer)
+                return {"wer": wer, "cer": cer}[metric]
+
+            study = optuna.create_study(study_name=f"soft_tokens-{cond}-k{k}-{inputs}", storage=storage_url(),
+                                        direction="minimize", load_if_exists=True,
+                                        sampler=optuna.samplers.TPESampler(seed=sw.get("seed", 0)))
+            done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+            if not study.trials:
+                for tau in np.geomspace(lo, hi, sw["grid_points"]):
+                    study.enqueue_trial({"tau": float(tau)})
+            if len(done) < sw["n_trials"]:
+                study.optimize(objective, n_trials=sw["n_trials"] - len(done))
+            trials = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
+                            key=lambda t: t.params["tau"])
+            best = study.best_trial
+            out["conditions"][cond][str(k)] = {
+                "tau_star": best.params["tau"], "dev_wer_soft": best.user_attrs["wer"],
+                "dev_cer_soft": best.user_attrs["cer"], "dev_wer_hard": hard_wer, "dev_cer_hard": hard_cer,
+                "study": study.study_name,
+                "trials": [{"tau": t.params["tau"], "wer": t.user_attrs["wer"], "cer": t.user_attrs["cer"]} for t in trials]}
+            print(f"[soft_tokens_sweep] {cond} K={k}: hard WER/CER {hard_wer:.1f}/{hard_cer:.1f}, "
+                  f"τ*={best.params['tau']:.3g} -> {best.user_attrs['wer']:.1f}/{best.user_attrs['cer']:.1f}")
+    out["wall_seconds"] = round(time.time() - t0, 1)
+    write_json(paths["results"] / "sweep.json", out)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- eval
+
+
+def evaluate(params: dict) -> dict:
+    p, t0 = params["soft_tokens"], time.time()
+    _threads()
+    paths = _paths(p)
+    res = paths["results"]
+    taus = _read_json(res / "sweep.json")["conditions"]
+    long = []
+    for cond in p["sets"]["test"]:
+        data = LayerSet(paths["layer"], f"test_{cond}")
+        hyps = {"id": [r["id"] for r in data.rows], "ref": [r["text"] for r in data.rows]}
+        for sysm in systems(p):
+            model = load_downstream(paths["downstream"] / f"{sysm['name']}.safetensors")
+            k = sysm["k"]
+            if k is None:
+                decodings = [("continuous", None)]
+            else:
+                c = load_centroids(p, k)
+                decodings = [("hard", 0.0), ("soft", taus[cond][str(k)]["tau_star"])]
+            for decoding, tau in decodings:
+                if decoding == "continuous":
+                    data.use("features")
+                elif decoding == "hard":
+                    data.use("tokens", c)
+                else:
+                    data.use("soft", c, tau, p["sweep"].get("top_k"))
+                rates, h = score(model, data)
+                label = "continuous" if k is None else f"K={k} hard/{decoding}"
+                hyps[f"{label} s{sysm['seed']}"] = h
+                row = {"system": label, "k": k, "decoding": decoding, "seed": sysm["seed"], "set": cond, "tau": tau,
+                       "wer": rates["wer"], "cer": rates["cer"], "utterances": rates["utterances"]}
+                long.append(row)
+                with tracking.run("soft_tokens_eval", f"{cond}-{sysm['name']}-{decoding}",
+                                  params={n: v for n, v in row.items() if n not in ("wer", "cer")},
+                                  tags={"model_kind": "downstream_ctc"}):
+                    mlflow.log_metrics({"wer": rates["wer"], "cer": rates["cer"]})
+        write_hypotheses(res / "hyps" / f"{cond}.tsv", [dict(zip(hyps, vals)) for vals in zip(*hyps.values())])
+    table = summarise(pd.DataFrame(long))
+    table.to_csv(res / "table.csv", index=False)
+    write_text(res / "table.md", table_markdown(table, taus))
+    plot_tau(taus, res / "wer_vs_tau.png")
+    metrics = {"results": {f"{r.system}|{r.set}": {"wer_mean": r.wer_mean, "wer_std": r.wer_std,
+                                                   "cer_mean": r.cer_mean, "cer_std": r.cer_std}
+                           for r in table.itertuples()},
+               "tau_star": {cond: {k: v["tau_star"] for k, v in ks.items()} for cond, ks in taus.items()},
+               "floor_sets": floor_sets(table), "wall_seconds": {}}
+    for stage in ("ssl", "layer", "kmeans", "train", "sweep"):
+        f = res / f"{stage}.json"
+        if f.is_file():
+            metrics["wall_seconds"][f"soft_tokens_{stage}"] = _read_json(f).get("wall_seconds")
+    metrics["wall_seconds"]["soft_tokens_eval"] = round(time.time() - t0, 1)
+    metrics["wall_seconds"]["total"] = round(sum(v or 0 for v in metrics["wall_seconds"].values()), 1)
+    write_json(res / "metrics.json", metrics)
+    print((res / "table.md").read_text())
+    return metrics
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def summarise(long: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds per (system, set)."""
+    g = long.groupby(["system", "set"], sort=False)
+    out = g.agg(wer_mean=("wer", "mean"), wer_std=("wer", "std"), cer_mean=("cer", "mean"), cer_std=("cer", "std"),
+                seeds=("seed", "nunique"), tau=("tau", "first"), utterances=("utterances", "first")).reset_index()
+    return out.round(2).fillna({"wer_std": 0.0, "cer_std": 0.0})
+
+
+def floor_sets(table: pd.DataFrame) -> list[str]:
+    """Test sets where every system's mean CER is at the floor (≥ 70 %)."""
+    return [s for s, g in table.groupby("set", sort=False) if (g["cer_mean"] >= FLOOR_CER).all()]
+
+
+def table_markdown(table: pd.DataFrame, taus: dict) -> str:
+    sets = list(dict.fromkeys(table["set"]))
+    systems_ = list(dict.fromkeys(table["system"]))
+    cell = {(r.system, r.set): f"{r.wer_mean:.1f} ± {r.wer_std:.1f} / {r.cer_mean:.1f}" for r in table.itertuples()}
+    lines = ["| system | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    lines += [f"| {s} | " + " | ".join(cell.get((s, t), "") for t in sets) + " |" for s in systems_]
+    seeds = int(table["seeds"].max())
+    notes = [f"WER mean ± std over {seeds} seeds / CER mean, in %; greedy character CTC. hard/soft uses the τ* "
+             "tuned on the condition's dev set:"]
+    notes += [f"- {cond}: " + ", ".join(f"K={k} τ*={v['tau_star']:.3g}" for k, v in ks.items()) for cond, ks in taus.items()]
+    mean = {(r.system, r.set): (r.wer_mean, r.cer_mean) for r in table.itertuples()}
+    for k in dict.fromkeys(s.split()[0] for s in systems_ if s.startswith("K=")):
+        parts = []
+        for t in sets:
+            hard, soft, cont = mean.get((f"{k} hard/hard", t)), mean.get((f"{k} hard/soft", t)), mean.get(("continuous", t))
+            if hard and soft and cont:
+                parts.append(f"{t} {soft[0] - hard[0]:+.1f} / {soft[1] - hard[1]:+.1f} (soft − continuous "
+                             f"{soft[0] - cont[0]:+.1f} / {soft[1] - cont[1]:+.1f})")
+        notes.append(f"- {k}, soft − hard WER / CER points: " + "; ".join(parts))
+    floor = floor_sets(table)
+    if floor:
+        notes.append(f"- At the floor (CER ≥ {FLOOR_CER:.0f} % for every system): {', '.join(floor)} — no comparison "
+                     "there counts.")
+    else:
+        notes.append(f"- No test set is at the floor (CER ≥ {FLOOR_CER:.0f} % for every system).")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def plot_tau(taus: dict, path: Path) -> None:
+    """Dev WER and CER against τ per condition and K (the paper's U shape), hard assignment dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, len(taus), figsize=(4.2 * len(taus), 6.4), squeeze=False)
+    for col, (cond, ks) in enumerate(taus.items()):
+        for row, m in enumerate(("wer", "cer")):
+            ax = axes[row][col]
+            for i, (k, v) in enumerate(ks.items()):
+                t = [x["tau"] for x in v["trials"]]
+                ax.plot(t, [x[m] for x in v["trials"]], "o-", ms=3, color=f"C{i}", label=f"K={k} soft")
+                ax.axhline(v[f"dev_{m}_hard"], ls="--", color=f"C{i}", lw=1, label=f"K={k} hard")
+            ax.set_xscale("log")
+            ax.set_xlabel("τ")
+            ax.set_ylabel(f"dev {m.upper()} (%)")
+            ax.set_title(cond)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

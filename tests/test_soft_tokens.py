@@ -1,0 +1,182 @@
+"""The soft_tokens method (arXiv 2606.06806) and its models: soft assignment, soft embedding, k-means,
+the HuBERT upstream and the token/feature CTC downstream, on tiny tensors on the CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from asrlab.methods.soft_tokens import distances, fit_kmeans, hard_assign, soft_assign, soft_embedding
+from asrlab.ssl.downstream import DownstreamConfig, DownstreamCTC
+from asrlab.ssl.hubert import HubertUpstream, UpstreamConfig, mfcc, stack_frames
+
+
+@pytest.fixture
+def setup():
+    g = torch.Generator().manual_seed(0)
+    centroids = torch.randn(16, 8, generator=g)
+    x = torch.randn(3, 5, 8, generator=g)
+    table = torch.randn(16, 4, generator=g)
+    return x, centroids, table
+
+
+def test_distances_are_euclidean(setup):
+    x, c, _ = setup
+    d = distances(x, c)
+    assert d.shape == (3, 5, 16)
+    assert torch.allclose(d[1, 2, 7], (x[1, 2] - c[7]).norm(), atol=1e-5)
+
+
+def test_small_tau_gives_the_hard_embedding(setup):
+    x, c, table = setup
+    hard = table[hard_assign(x, c)]
+    two = distances(x, c).topk(2, largest=False).values
+    gap = (two[..., 1] - two[..., 0]).min().item()  # the closest call between nearest and second nearest
+    errors = [(soft_embedding(soft_assign(x, c, gap * f), table) - hard).abs().max().item() for f in (1.0, 0.1, 0.02)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-6
+
+
+def test_tau_zero_is_exactly_the_one_hot_lookup(setup):
+    x, c, table = setup
+    p = soft_assign(x, c, 0.0)
+    assert set(p.unique().tolist()) == {0.0, 1.0} and torch.equal(p.sum(-1), torch.ones(3, 5))
+    assert torch.equal(soft_embedding(p, table), table[hard_assign(x, c)])
+
+
+def test_large_tau_tends_to_the_mean_embedding(setup):
+    x, c, table = setup
+    mean = table.mean(0).expand(3, 5, 4)
+    gaps = [(soft_embedding(soft_assign(x, c, tau), table) - mean).abs().max().item() for tau in (1.0, 10.0, 1e4)]
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-3
+
+
+def test_one_hot_distribution_equals_the_lookup(setup):
+    _, _, table = setup
+    ids = torch.tensor([[0, 3, 15], [7, 7, 1]])
+    p = torch.nn.functional.one_hot(ids, 16).float()
+    assert torch.equal(soft_embedding(p, table), table[ids])
+
+
+def test_soft_assignment_is_a_distribution_ordered_by_distance(setup):
+    x, c, _ = setup
+    p = soft_assign(x, c, 2.0)
+    assert torch.allclose(p.sum(-1), torch.ones(3, 5), atol=1e-6) and (p > 0).all()
+    d = distances(x, c)
+    assert torch.equal(p.argmax(-1), d.argmin(-1)) and torch.equal(p.argmin(-1), d.argmax(-1))
+
+
+def test_top_k_keeps_the_k_nearest(setup):
+    x, c, _ = setup
+    p = soft_assign(x, c, 2.0, top_k=3)
+    assert torch.equal((p > 0).sum(-1), torch.full((3, 5), 3))
+    nearest = distances(x, c).topk(3, largest=False).indices
+    assert torch.equal(p.gather(-1, nearest).sum(-1).round(decimals=5), torch.ones(3, 5))
+
+
+def test_negative_tau_is_rejected(setup):
+    x, c, _ = setup
+    with pytest.raises(ValueError, match="τ"):
+        soft_assign(x, c, -1.0)
+
+
+def test_kmeans_is_deterministic_for_a_seed_and_finds_the_clusters():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 6)) * 10
+    frames = (centres[rng.integers(0, 4, 2000)] + rng.normal(size=(2000, 6)) * 0.1).astype(np.float32)
+    a, b = fit_kmeans(frames, 4, seed=3), fit_kmeans(frames, 4, seed=3)
+    assert a.dtype == np.float32 and a.shape == (4, 6)
+    assert np.array_equal(a, b)
+    # every true centre has a centroid next to it
+    assert np.abs(centres[:, None] - a[None]).max(-1).min(1).max() < 0.5
+    with pytest.raises(ValueError, match="at least k"):
+        fit_kmeans(frames[:3], 4)
+
+
+@pytest.mark.parametrize("input_kind", ["hard", "soft", "features"])
+def test_downstream_shapes_dtypes_and_gradients(input_kind):
+    torch.manual_seed(0)
+    K, D, B, T = 12, 10, 3, 17
+    cfg = DownstreamConfig(input="features" if input_kind == "features" else "tokens", n_tokens=K, feature_dim=D,
+                           d_model=16, layers=1, heads=2, ffn_dim=32, dropout=0.0)
+    model = DownstreamCTC(cfg)
+    lengths = torch.tensor([17, 12, 9])
+    inputs = {"hard": torch.randint(0, K, (B, T)), "soft": torch.randn(B, T, K).softmax(-1),
+              "features": torch.randn(B, T, D)}[input_kind]
+    targets, target_lengths = torch.randint(1, cfg.vocab_size, (B, 5)), torch.tensor([5, 4, 3])
+    out = model(inputs, lengths, targets, target_lengths)
+    assert out["logits"].shape == (B, T, cfg.vocab_size) and out["logits"].dtype == torch.float32
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert model.embed.weight.grad.abs().sum() > 0 if input_kind != "features" else model.embed[1].weight.grad.abs().sum() > 0
+    hyps = model.generate(inputs, lengths)
+    assert len(hyps) == B and all(len(h) <= n for h, n in zip(hyps, lengths.tolist()))
+    # padding does not change a shorter utterance's output
+    model.eval()
+    alone = model.logits(inputs[2:3, :9], lengths[2:3])
+    batched = model.logits(inputs, lengths)[2:3, :9]
+    assert torch.allclose(alone, batched, atol=1e-5)
+
+
+def test_downstream_soft_input_with_one_hot_equals_hard_input():
+    torch.manual_seed(0)
+    model = DownstreamCTC(DownstreamConfig(input="tokens", n_tokens=12, d_model=16, layers=1, heads=2, ffn_dim=32)).eval()
+    ids, lengths = torch.randint(0, 12, (2, 9)), torch.tensor([9, 6])
+    one_hot = torch.nn.functional.one_hot(ids, 12).float()
+    assert torch.allclose(model.logits(ids, lengths), model.logits(one_hot, lengths), atol=1e-6)
+    with pytest.raises(ValueError, match="K=12"):
+        model.logits(torch.rand(2, 9, 5), lengths)
+
+
+def test_upstream_masked_prediction_learns_and_layers_have_shapes():
+    torch.manual_seed(0)
+    cfg = UpstreamConfig(stack=2, hidden=32, layers=2, heads=2, ffn_dim=64, n_targets=5, pos_conv_kernel=4,
+                         pos_conv_groups=2, mask_length=2)
+    model = HubertUpstream(cfg)
+    frames, lengths = torch.randn(4, 20, 160), torch.tensor([20, 18, 15, 11])
+    # masked frames see only their context: a target constant over each utterance is learnable from it
+    targets = torch.arange(4)[:, None].expand(4, 20) % 5
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = model(frames, lengths, targets)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.5 * losses[0]
+    model.eval()
+    h = model.layer(frames, lengths, 2)
+    assert h.shape == (4, 20, 32) and h.dtype == torch.float32
+    assert len(model.hidden_states(frames, lengths)) == 3
+    # an utterance's layer output does not depend on the padding it is batched with
+    assert torch.allclose(model.layer(frames[3:, :11], lengths[3:], 2), h[3:, :11], atol=1e-4)
+
+
+def test_stacking_and_mfcc_rates():
+    logmel = torch.randn(103, 80)
+    assert stack_frames(logmel, 4).shape == (25, 320)
+    assert torch.equal(stack_frames(logmel, 2)[1], torch.cat([logmel[2], logmel[3]]))
+    m = mfcc(logmel.numpy(), 4)
+    assert m.shape == (25, 39) and m.dtype == np.float32
+    assert stack_frames(torch.randn(3, 80), 4).shape == (1, 320)  # shorter than one stack: padded, not empty
+
+
+def test_layer_set_round_trip_and_input_modes(tmp_path):
+    from asrlab.ssl.layerdata import LayerSet, save_set
+
+    rows = [{"id": f"u{i}", "text": t, "split": "dev", "pool": "synthetic"} for i, t in enumerate(["set an alarm", "hi"])]
+    frames = [torch.randn(7, 6), torch.randn(4, 6)]
+    save_set(tmp_path, "dev_x", rows, frames)
+    data = LayerSet(tmp_path, "dev_x")
+    assert data.lengths == [7, 4] and [r["id"] for r in data.rows] == ["u0", "u1"]
+    c = torch.randn(5, 6)
+    feats = data.use("features").collate([0, 1])
+    assert feats["inputs"].shape == (2, 7, 6) and torch.equal(feats["inputs"][1, 4:], torch.zeros(3, 6))
+    assert feats["targets"].shape[0] == 2 and feats["target_lengths"].tolist() == [12, 2]
+    hard = data.use("tokens", c).collate([0, 1])["inputs"]
+    assert hard.dtype == torch.int64 and torch.equal(hard[0], hard_assign(frames[0].half().float(), c))
+    soft = data.use("soft", c, tau=0.0).collate([0, 1])["inputs"]
+    assert soft.shape == (2, 7, 5) and torch.equal(soft[0].argmax(-1), hard[0])
+    with pytest.raises(ValueError, match="mode"):
+        data.use("logits")
