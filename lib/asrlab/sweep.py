@@ -60,13 +60,15 @@ def close_stale(study: optuna.Study, root: str | Path = ".") -> int:
 
 def run_study(name: str, objective: Objective, n_trials: int, *, experiment: str, run_prefix: str,
               seed: int = 0, startup_trials: int = 4, direction: str = "minimize", enqueue: list[dict] = (), tags: dict | None = None,
+              run_params: dict | None = None,
               root: str | Path = ".", show_progress: bool = True, heartbeat_interval: int = 10,
               grace_period: int = 30) -> optuna.Study:
     """Create or resume study ``name`` and run trials until ``n_trials`` are complete: ``startup_trials``
     random ones (seeded), then TPE.
 
     ``objective(trial)`` returns (value to minimise, metrics to log). ``enqueue``: param sets evaluated
-    first (e.g. λ = 0, the unmerged model), each enqueued once even across resumes.
+    first (e.g. λ = 0, the unmerged model), each enqueued once even across resumes. ``run_params``: fixed
+    params logged on every trial's MLflow run beside the trial's own.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="optuna")
@@ -81,7 +83,7 @@ def run_study(name: str, objective: Objective, n_trials: int, *, experiment: str
         with tracking.run(experiment, f"{run_prefix}-t{trial.number}", tags=run_tags, root=root) as active:
             trial.set_user_attr("mlflow_run_id", active.info.run_id)
             value, metrics = objective(trial)
-            mlflow.log_params(trial.params)
+            mlflow.log_params({**(run_params or {}), **trial.params})
             mlflow.log_metrics({"objective": value, **metrics})
             for k, v in metrics.items():
                 trial.set_user_attr(k, v)

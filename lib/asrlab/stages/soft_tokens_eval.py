@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from asrlab.evaluation import error_rates, write_hypotheses
 from asrlab.io import stable_hash, write_json, write_text
 from asrlab.ssl.layerdata import LayerSet
 from asrlab.stages.soft_tokens import _paths, _threads, load_centroids, load_downstream, systems
+from asrlab.sweep import run_study
 from asrlab.text import chars_to_text
 
 FLOOR_CER = 70.0
@@ -58,15 +58,10 @@ def _models(p: dict, k: int) -> list:
     return [load_downstream(_paths(p)["downstream"] / f"k{k}-s{seed}.safetensors") for seed in p["downstream"]["seeds"]]
 
 
-def storage_url() -> str:
-    return os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{Path('optuna.db').resolve()}"
-
-
 def sweep(params: dict) -> dict:
     p, t0 = params["soft_tokens"], time.time()
     _threads()
     sw, paths = p["sweep"], _paths(p)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     lo, hi = sw["tau_range"]
     metric = sw.get("metric", "wer")
     out = {"tau_range": [lo, hi], "metric": metric, "conditions": {}}
@@ -81,29 +76,20 @@ def sweep(params: dict) -> dict:
             hard_wer = statistics.mean(r["wer"] for r in hard)
             hard_cer = statistics.mean(r["cer"] for r in hard)
 
-            def objective(trial: optuna.Trial) -> float:
+            def objective(trial: optuna.Trial) -> tuple[float, dict]:
                 tau = trial.suggest_float("tau", lo, hi, log=True)
                 dev.use("soft", c, tau, sw.get("top_k"))
                 rates = [score(m, dev)[0] for m in models]
                 wer, cer = statistics.mean(r["wer"] for r in rates), statistics.mean(r["cer"] for r in rates)
-                with tracking.run("soft_tokens_sweep", f"{cond}-k{k}-t{trial.number}",
-                                  params={"tau": tau, "k": k, "set": f"dev_{cond}", "top_k": sw.get("top_k"),
-                                          "seeds": len(models)},
-                                  tags={"optuna_study": study.study_name, "optuna_trial": str(trial.number)}):
-                    mlflow.log_metrics({"wer": wer, "cer": cer, "hard_wer": hard_wer, "hard_cer": hard_cer})
-                trial.set_user_attr("cer", cer)
-                trial.set_user_attr("wer", wer)
-                return {"wer": wer, "cer": cer}[metric]
+                return {"wer": wer, "cer": cer}[metric], {"wer": wer, "cer": cer, "hard_wer": hard_wer,
+                                                          "hard_cer": hard_cer}
 
-            study = optuna.create_study(study_name=f"soft_tokens-{cond}-k{k}-{inputs}", storage=storage_url(),
-                                        direction="minimize", load_if_exists=True,
-                                        sampler=optuna.samplers.TPESampler(seed=sw.get("seed", 0)))
-            done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-            if not study.trials:
-                for tau in np.geomspace(lo, hi, sw["grid_points"]):
-                    study.enqueue_trial({"tau": float(tau)})
-            if len(done) < sw["n_trials"]:
-                study.optimize(objective, n_trials=sw["n_trials"] - len(done))
+            study = run_study(f"soft_tokens-{cond}-k{k}-{inputs}", objective, sw["n_trials"],
+                              experiment="soft_tokens_sweep", run_prefix=f"{cond}-k{k}", seed=sw.get("seed", 0),
+                              startup_trials=10, show_progress=False,
+                              enqueue=[{"tau": float(t)} for t in np.geomspace(lo, hi, sw["grid_points"])],
+                              run_params={"k": k, "set": f"dev_{cond}", "top_k": sw.get("top_k"),
+                                          "seeds": len(models)})
             trials = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
                             key=lambda t: t.params["tau"])
             best = study.best_trial
