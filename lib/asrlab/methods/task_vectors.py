@@ -136,7 +136,8 @@ class TaskVector:
         meta = {"merge": method, "density": str(density), "parts": json.dumps([v.metadata for v in vectors])}
         if method == "mean":
             return TaskVector({k: torch.stack([v.deltas[k] for v in vectors]).mean(0) for k in vectors[0].deltas}, meta)
-        weights = torch.full((len(vectors),), 1.0 / len(vectors)) if method.startswith("dare") else torch.ones(len(vectors))
+        # dare_linear sums the weighted vectors (weights 1/n: a mean); ties and dare_ties end in a disjoint mean
+        weights = torch.full((len(vectors),), 1.0 / len(vectors)) if method == "dare_linear" else torch.ones(len(vectors))
         merged = {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -34,7 +34,7 @@ from asrlab import sweep, tracking
 from asrlab.audio.features import FeatureStore
 from asrlab.decode import transcribe
 from asrlab.evaluation import error_rates, flat_metrics, score, write_hypotheses
-from asrlab.io import stable_hash, write_json, write_jsonl
+from asrlab.io import item_seed, stable_hash, write_json, write_jsonl
 from asrlab.methods.task_vectors import TaskVector
 from asrlab.models import store
 from asrlab.tokenizer import load_tokenizer
@@ -177,7 +177,9 @@ def finetune(params: dict) -> dict:
                            on_log=lambda step, m: mlflow.log_metrics(m, step=step))
             out = ctx.models_dir / run.name
             store.save(model, "aed", out)
-            write_json(out / "run.json", {**asdict(run), "utterances": len(data), **result})
+            # what the weights are, not how the run got there (a resumed run writes the same file)
+            write_json(out / "run.json", {**asdict(run), "utterances": len(data),
+                                          **{k: v for k, v in result.items() if k != "resumed_from"}})
             result["wall_seconds"] = round(time.time() - t0, 1)
             mlflow.log_metrics({"wall_seconds": result["wall_seconds"], "utterances": len(data)})
         summary[run.name] = {"utterances": len(data), "steps": result["steps"], "last_loss": result["last_loss"],
@@ -284,6 +286,7 @@ def evaluate(params: dict) -> dict:
                     test_eval(ctx.load(f"s{seed}/{target}/oracle"), "oracle", seed, target, test,
                               run_name=f"s{seed}/{target}/oracle")
                 model = ctx.load(f"s{seed}/{target}/baseline")
+                baseline_md5 = tracking.file_hash(ctx.models_dir / f"s{seed}/{target}/baseline")
                 keep = {k: v.clone() for k, v in model.state_dict().items()}
                 test_eval(model, "baseline", seed, target, test, lam=0.0, run_name=f"s{seed}/{target}/baseline")
                 t0 = time.time()  # the plain evaluation pass the trial cost is compared with
@@ -301,9 +304,12 @@ def evaluate(params: dict) -> dict:
                         costs["trial_seconds"].append(time.time() - t1)
                         return rates[sw["metric"]], {"dev_wer": rates["wer"], "dev_cer": rates["cer"]}
 
-                    name = f"syn2real-{target}-s{seed}-{kind}-{stable_hash(ctx.inputs_hash, tracking.file_hash(path), sw, n=10)}"
+                    # the study is keyed by everything its trials depend on: a new baseline or τ is a new study
+                    key = stable_hash(ctx.inputs_hash, tracking.file_hash(path), baseline_md5, sw, n=10)
+                    name = f"syn2real-{target}-s{seed}-{kind}-{key}"
                     study = sweep.run_study(name, objective, sw["trials"], experiment="syn2real_sweep",
-                                            run_prefix=f"{target}-s{seed}-{kind}", seed=sw["sampler_seed"],
+                                            run_prefix=f"{target}-s{seed}-{kind}",
+                                            seed=item_seed(sw["sampler_seed"], seed, target, kind),
                                             startup_trials=sw["startup_trials"],
                                             enqueue=[{"lambda": v} for v in sw["enqueue"]], show_progress=False,
                                             tags={"study": "syn2real", "seed": str(seed), "target": target,
