@@ -53,7 +53,7 @@ def test_killed_sweep_resumes_where_it_stopped(tmp_path, monkeypatch):
     for number, params in before.items():  # finished trials are kept, not rerun
         assert study.trials[number].params == params
         assert study.trials[number].state == optuna.trial.TrialState.COMPLETE
-    runs = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
-        [mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("sweep_test").experiment_id])
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sweep_test").experiment_id])
     statuses = [r.info.status for r in runs]
     assert "RUNNING" not in statuses and statuses.count("KILLED") == 1 and statuses.count("FINISHED") == 8

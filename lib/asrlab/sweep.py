@@ -2,7 +2,7 @@
 
 - Storage: ``OPTUNA_STORAGE`` (any SQLAlchemy URL, e.g. PostgreSQL) or the embedded default
   ``sqlite:///<repo>/optuna.db``. An RDB storage with a heartbeat: a trial whose process died is marked
-  failed after the grace period and retried once (``RetryFailedTrialCallback``).
+  failed after the grace period and retried once (``RetryHeartbeatStaleTrialCallback``).
 - Resume: a study is identified by its name (callers put a hash of their inputs in it); rerunning a killed
   sweep keeps the completed trials and runs only the missing ones, until ``n_trials`` trials are complete.
 - Tracking: each trial runs inside an MLflow run named ``<run_prefix>-t<number>`` with the trial's params,
@@ -59,10 +59,9 @@ def close_stale(study: optuna.Study, root: str | Path = ".") -> int:
 
 
 def run_study(name: str, objective: Objective, n_trials: int, *, experiment: str, run_prefix: str,
-              seed: int = 0, startup_trials: int = 4, direction: str = "minimize", enqueue: list[dict] = (), tags: dict | None = None,
-              run_params: dict | None = None,
-              root: str | Path = ".", show_progress: bool = True, heartbeat_interval: int = 10,
-              grace_period: int = 30) -> optuna.Study:
+              seed: int = 0, startup_trials: int = 4, direction: str = "minimize", enqueue: list[dict] = (),
+              tags: dict | None = None, run_params: dict | None = None, root: str | Path = ".",
+              show_progress: bool = True, heartbeat_interval: int = 10, grace_period: int = 30) -> optuna.Study:
     """Create or resume study ``name`` and run trials until ``n_trials`` are complete: ``startup_trials``
     random ones (seeded), then TPE.
 
@@ -73,7 +72,8 @@ def run_study(name: str, objective: Objective, n_trials: int, *, experiment: str
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="optuna")
     study = optuna.create_study(study_name=name, storage=storage(root, heartbeat_interval, grace_period),
-                                direction=direction, load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials))
+                                direction=direction, load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials))
     close_stale(study, root)
     for params in enqueue:
         study.enqueue_trial(params, skip_if_exists=True)

@@ -42,8 +42,6 @@ from asrlab.training.data import SpeechData, select
 from asrlab.training.trainer import TrainConfig, train
 
 
-
-
 # -- the plan -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Run:
@@ -213,13 +211,12 @@ def _tau(ctx: Context, real: str, syn: str) -> TaskVector:
 def vectors(params: dict) -> dict:
     ctx, t0 = Context(params), time.time()
     summary = {}
-    for key, files in vector_files(ctx.p, ctx.scenarios).items():
-        seed_src = key
-        tau = _tau(ctx, f"{seed_src}/source_real", f"{seed_src}/source_syn")
+    for key, files in vector_files(ctx.p, ctx.scenarios).items():  # key: "s<source seed>/<source set>"
+        tau = _tau(ctx, f"{key}/source_real", f"{key}/source_syn")
         tau.save(files["single"])
         summary[f"{key}/single"] = {"norm": round(tau.norm(), 4)}
         if "avg" in files:
-            parts = [_tau(ctx, f"{seed_src}/group{g}_real", f"{seed_src}/group{g}_syn")
+            parts = [_tau(ctx, f"{key}/group{g}_real", f"{key}/group{g}_syn")
                      for g in range(ctx.p["multi_source"]["groups"])]
             avg = TaskVector.merge(parts, ctx.p["multi_source"]["merge"], density=ctx.p["multi_source"]["density"])
             avg.save(files["avg"])
