@@ -2,7 +2,7 @@
 # A private PostgreSQL cluster on loopback for sweep workers and the MLflow server (the tests use it too).
 #   bash scripts/postgres-local.sh start DIR [PORT]    initdb DIR if new, start on 127.0.0.1:PORT (default 5432)
 #   bash scripts/postgres-local.sh createdb DIR NAME    a database; prints postgresql://asrlab@127.0.0.1:PORT/NAME
-#   bash scripts/postgres-local.sh stop DIR
+#   bash scripts/postgres-local.sh stop DIR [MODE]     pg_ctl's shutdown mode: fast (default) or immediate
 # Superuser `asrlab`, trust authentication on loopback only: for one machine. A shared server needs real
 # roles and passwords (see the README). PostgreSQL refuses to run as root: as root the cluster belongs to the
 # `postgres` user that Debian's package creates (scripts/setup-system.sh installs it).
@@ -46,7 +46,7 @@ case "$cmd" in
     echo "postgresql://asrlab@127.0.0.1:$port/$name"
     ;;
   stop)
-    as_owner "$bindir/pg_ctl" -D "$dir" -m fast -w stop >/dev/null
+    as_owner "$bindir/pg_ctl" -D "$dir" -m "${3:-fast}" -w stop >/dev/null
     echo "postgres-local: stopped $dir"
     ;;
   *) echo "postgres-local: unknown command $cmd (start|createdb|stop)" >&2; exit 2 ;;

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -112,12 +113,14 @@ def work(study: str, params: dict, trials: int | None = None, only: str | None =
 
     if study not in SWEEPS:
         raise ValueError(f"asrlab sweep: unknown study {study!r}; known: {sorted(SWEEPS)}")
+    prepare_stores()
     done = {}
     for sw in SWEEPS[study](params):
         if only and not fnmatch.fnmatch(sw.label, only):
             continue
         n = trials or sw.n_trials
         kwargs = dict(sw.kwargs)
+        kwargs["tags"] = {**kwargs.get("tags", {}), "sweep_worker": f"{socket.gethostname()}:{os.getpid()}"}
         if worker_index:
             kwargs["seed"] = item_seed(kwargs.get("seed", 0), "worker", worker_index)
         print(f"[sweep] worker {worker_index} pid {os.getpid()}: {sw.name} -> {n} complete trials", flush=True)
@@ -138,15 +141,29 @@ def spawn(argv: list[str], workers: int, first_index: int = 0) -> int:
     return max(proc.wait() for proc in procs)
 
 
-def prepare_stores(root: str | Path = ".") -> None:
-    """Create the Optuna and MLflow schemas once, before workers start: on a fresh sqlite file, concurrent
-    first connections race to migrate it ("duplicate column"). A server database is prepared the same way."""
+def prepare_stores(root: str | Path = ".", attempts: int = 6) -> None:
+    """Create the Optuna and MLflow schemas. Workers starting together on a fresh database race to create
+    them and all but one fail (PostgreSQL: "duplicate key ... pg_type"): the losers wait and try again, and
+    then find the schema made. ``--workers N`` calls this once before it starts N workers: on a fresh sqlite
+    file a lost race can leave MLflow's migration half done ("duplicate column"), so do not start the first
+    workers on a new sqlite file from separate shells."""
+    import random
+    import time
+
     import mlflow
+    import sqlalchemy
 
     from asrlab import sweep, tracking
 
-    sweep.storage(root)
-    mlflow.MlflowClient(tracking.tracking_uri(root)).search_experiments(max_results=1)
+    for attempt in range(attempts):
+        try:
+            sweep.storage(root)
+            mlflow.MlflowClient(tracking.tracking_uri(root)).search_experiments(max_results=1)
+            return
+        except (sqlalchemy.exc.SQLAlchemyError, mlflow.exceptions.MlflowException):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(random.uniform(0.5, 2.0))
 
 
 def add_arguments(parser) -> None:
