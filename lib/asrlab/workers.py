@@ -88,7 +88,7 @@ def check_sweeps(params: dict) -> Iterator[Sweep]:
     a new storage, tracking server or fleet of workers before spending compute (and to test them)."""
     import time
 
-    p = {"trials": 12, "trial_seconds": 0.5, "name": "check", **params.get("sweep_check", {})}
+    p = params["sweep_check"]
 
     def objective() -> Objective:
         def trial_fn(trial):
@@ -97,8 +97,8 @@ def check_sweeps(params: dict) -> Iterator[Sweep]:
             return (lam - 0.3) ** 2, {"dev_cer": 100 * (lam - 0.3) ** 2}
         return trial_fn
 
-    yield Sweep(p["name"], p["name"], objective, p["trials"],
-                dict(experiment="sweep_check", run_prefix=p["name"], enqueue=[{"lambda": 0.0}]))
+    yield Sweep("check", "check", objective, p["trials"],
+                dict(experiment="sweep_check", run_prefix="check", enqueue=[{"lambda": 0.0}]))
 
 
 SWEEPS: dict[str, Callable[[dict], Iterator[Sweep]]] = {"syn2real": syn2real_sweeps, "check": check_sweeps}
@@ -118,7 +118,7 @@ def work(study: str, params: dict, trials: int | None = None, only: str | None =
     for sw in SWEEPS[study](params):
         if only and not fnmatch.fnmatch(sw.label, only):
             continue
-        n = trials or sw.n_trials
+        n = sw.n_trials if trials is None else trials
         kwargs = dict(sw.kwargs)
         kwargs["tags"] = {**kwargs.get("tags", {}), "sweep_worker": f"{socket.gethostname()}:{os.getpid()}"}
         if worker_index:
