@@ -209,30 +209,39 @@ def test_sweep_worker_extends_the_stage_s_own_syn2real_study(smoke_repo: Path):
 
 def test_ddp_training_matches_one_process(smoke_repo: Path, tmp_path):
     """pretrain_aed under `torchrun --nproc_per_node 2` (gloo, max_frames per rank) against one process with
-    twice the max_frames (the same effective batch): the same dev metrics within 5 CER points, the same
-    final train loss within 15 % (rank 0 reports its own half of the last batch; bucketing differs)."""
-    params = yaml.safe_load((smoke_repo / "params.yaml").read_text())
-    frames = params["pretrain_aed"]["train"]["max_frames"]
-    summaries = {}
-    for name, launcher, max_frames in (("ddp", ["torchrun", "--standalone", "--nproc_per_node", "2", "-m"], frames),
-                                       ("single", [sys.executable, "-m"], 2 * frames)):
+    twice the max_frames (the same effective batch). Tolerance: the train loss at every step within 10 %
+    (rank 0 logs the loss of its half of the batch, and the length buckets differ), dev CTC CER within 5
+    points. (Greedy attention decoding of a 6-step model loops: its CER swings by hundreds of points.)"""
+    import mlflow
+
+    losses, summaries = {}, {}
+    for name, launcher, scale in (("ddp", ["torchrun", "--standalone", "--nproc_per_node", "2", "-m"], 1),
+                                  ("single", [sys.executable, "-m"], 2)):
         p = yaml.safe_load((smoke_repo / "params.yaml").read_text())
         p["checkpoints_dir"] = str(tmp_path / name / "checkpoints")
         p["pretrain_aed"].update(out_dir=str(tmp_path / name / "model"), metrics=str(tmp_path / name / "m.json"))
-        p["pretrain_aed"]["train"]["max_frames"] = max_frames
+        p["pretrain_aed"]["train"].update(max_frames=scale * p["pretrain_aed"]["train"]["max_frames"], log_every=1)
+        p["pretrain_aed"]["dev"]["max_utterances"] = 8
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(p))
+        uri = f"sqlite:///{tmp_path / name / 'mlflow.db'}"
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "ASRLAB_THREADS": "1",
-               "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / name / 'mlflow.db'}"}
+               "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": uri}
         proc = subprocess.run([*launcher, "asrlab.cli", "--params", str(tmp_path / f"{name}.yaml"), "pretrain_aed"],
                               cwd=smoke_repo, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         summaries[name] = json.loads((tmp_path / name / "m.json").read_text())
+        client = mlflow.MlflowClient(uri)
+        (run_,) = client.search_runs([client.get_experiment_by_name("base").experiment_id])
+        losses[name] = [m.value for m in sorted(client.get_metric_history(run_.info.run_id, "train_loss"),
+                                                key=lambda m: m.step)]
     ddp, single = summaries["ddp"], summaries["single"]
-    print(f"\nDDP vs one process: {ddp} / {single}")
+    print(f"\nDDP vs one process: train loss {losses['ddp']} / {losses['single']}; "
+          f"dev CTC CER {ddp['dev_ctc_cer']} / {single['dev_ctc_cer']}")
     assert ddp["world_size"] == 2 and single["world_size"] == 1 and ddp["steps"] == single["steps"]
-    for key in ("dev_ctc_cer", "dev_attention_cer"):
-        assert abs(ddp[key] - single[key]) <= 5.0, (key, ddp[key], single[key])
-    assert abs(ddp["last_loss"] - single["last_loss"]) <= 0.15 * single["last_loss"]
+    assert len(losses["ddp"]) == len(losses["single"]) == single["steps"]
+    for a, b in zip(losses["ddp"], losses["single"]):
+        assert abs(a - b) <= 0.10 * b, (losses["ddp"], losses["single"])
+    assert abs(ddp["dev_ctc_cer"] - single["dev_ctc_cer"]) <= 5.0
 
 
 def test_dvc_remote_round_trips_data_models_and_vectors(smoke_repo: Path, tmp_path):
