@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages asrlab renders speech with: espeak-ng, sox, mbrola and its voices.
+# Installs the Debian packages asrlab renders speech with: espeak-ng, sox, mbrola and its voices; and
+# PostgreSQL, the shared Optuna/MLflow database for many sweep workers (scripts/postgres-local.sh).
 # mbrola lives in Debian's contrib/non-free components, which are enabled here when missing.
 # Idempotent: does nothing when every package is already installed.
 set -euo pipefail
@@ -7,7 +8,8 @@ set -euo pipefail
 PACKAGES=(espeak-ng sox libsndfile1 mbrola
   mbrola-us1 mbrola-us2 mbrola-en1
   mbrola-de2 mbrola-de5 mbrola-fr1 mbrola-fr4 mbrola-nl2 mbrola-af1
-  mbrola-pl1 mbrola-hu1 mbrola-ro1 mbrola-gr2 mbrola-sw1)
+  mbrola-pl1 mbrola-hu1 mbrola-ro1 mbrola-gr2 mbrola-sw1
+  postgresql)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

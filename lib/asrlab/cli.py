@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from asrlab import workers
 from asrlab.params import deep_merge, load_params
 
 STAGES = {  # command -> (module, function)
@@ -49,11 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("name")
     prof.add_argument("--profiles-dir", default="experiments/profiles")
     prof.add_argument("--out", help="write here instead of over --params")
+    workers.add_arguments(sub.add_parser("sweep", help="a sweep worker: run trials of a study's Optuna sweeps"))
     args = parser.parse_args(argv)
 
     if args.command == "profile":
         _profile(args)
         return 0
+    if args.command == "sweep":  # many workers, processes or machines share one study (asrlab.workers)
+        try:
+            return workers.main(args, args.params)
+        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+            print(f"asrlab sweep: error: {e}", file=sys.stderr)
+            return 2
     try:
         module, function = STAGES[args.command]
         os.environ["ASRLAB_STAGE"] = args.command  # MLflow runs record the DVC stage

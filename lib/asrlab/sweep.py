@@ -5,6 +5,11 @@
   failed after the grace period and retried once (``RetryHeartbeatStaleTrialCallback``).
 - Resume: a study is identified by its name (callers put a hash of their inputs in it); rerunning a killed
   sweep keeps the completed trials and runs only the missing ones, until ``n_trials`` trials are complete.
+- Many workers (processes or machines, ``asrlab sweep``, :mod:`asrlab.workers`) may run one study at once:
+  they stop when ``n_trials`` trials are complete between them (trials already in flight then still finish,
+  so up to workers − 1 more). Every trial start fails stale trials and closes their MLflow runs, and a
+  worker that finishes waits for the trials still in flight (up to the grace period) so that a dead
+  worker's run is closed too.
 - Tracking: each trial runs inside an MLflow run named ``<run_prefix>-t<number>`` with the trial's params,
   the objective's metrics and the study/trial as tags.
 """
@@ -12,6 +17,7 @@
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -42,20 +48,56 @@ def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
-def close_stale(study: optuna.Study, root: str | Path = ".") -> int:
+def close_stale(study: optuna.Study, root: str | Path = ".", checked: set[int] | None = None) -> int:
     """Fail the trials whose worker died (no heartbeat for the grace period; each is requeued once) and mark
-    their MLflow runs KILLED, so that no run stays RUNNING. Returns how many runs were closed."""
+    their MLflow runs KILLED, so that no run stays RUNNING. Returns how many runs were closed.
+    ``checked``: failed trial numbers already looked at (a worker calls this before every trial)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    checked = set() if checked is None else checked
     client = mlflow.MlflowClient(tracking.tracking_uri(root))
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         run_id = t.user_attrs.get("mlflow_run_id")
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
+        if t.number not in checked and run_id and client.get_run(run_id).info.status == "RUNNING":
             client.set_terminated(run_id, "KILLED")
             n += 1
+        checked.add(t.number)
     return n
+
+
+def _open_study(name: str, storage_: RDBStorage, direction: str, sampler: optuna.samplers.BaseSampler,
+                enqueue: list[dict]) -> optuna.Study:
+    """Create the study, or load it when it exists. Only the worker that creates it enqueues ``enqueue``
+    (the database's unique study name decides, so concurrent workers enqueue each set once); on a resume a
+    set is enqueued again when one of its trials failed and none is complete, running or waiting."""
+    try:
+        study = optuna.create_study(study_name=name, storage=storage_, direction=direction, sampler=sampler)
+        for params in enqueue:
+            study.enqueue_trial(params)
+        return study
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage_, sampler=sampler)
+    trials = study.get_trials(deepcopy=False)
+    live = [t.params for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)]
+    failed = [t.params for t in trials if t.state == TrialState.FAIL]
+    for params in enqueue:
+        if any(params.items() <= p.items() for p in failed) and not any(params.items() <= p.items() for p in live):
+            study.enqueue_trial(params)
+    return study
+
+
+def _settle(study: optuna.Study, root: str | Path, checked: set[int], heartbeat_interval: int,
+            grace_period: int) -> None:
+    """Wait while other workers' trials are in flight, at most until a dead worker's trial would be stale,
+    closing stale ones: the last worker to leave leaves no MLflow run RUNNING."""
+    deadline = time.time() + grace_period + 2 * heartbeat_interval
+    while True:
+        close_stale(study, root, checked)
+        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) or time.time() > deadline:
+            return
+        time.sleep(min(heartbeat_interval, 2))
 
 
 def run_study(name: str, objective: Objective, n_trials: int, *, experiment: str, run_prefix: str,
@@ -67,18 +109,18 @@ def run_study(name: str, objective: Objective, n_trials: int, *, experiment: str
 
     ``objective(trial)`` returns (value to minimise, metrics to log). ``enqueue``: param sets evaluated
     first (e.g. λ = 0, the unmerged model), each enqueued once even across resumes. ``run_params``: fixed
-    params logged on every trial's MLflow run beside the trial's own.
+    params logged on every trial's MLflow run beside the trial's own. Parallel workers should each get their
+    own ``seed``, or their random startup trials draw the same params.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="optuna")
-    study = optuna.create_study(study_name=name, storage=storage(root, heartbeat_interval, grace_period),
-                                direction=direction, load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials))
-    close_stale(study, root)
-    for params in enqueue:
-        study.enqueue_trial(params, skip_if_exists=True)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
+    study = _open_study(name, storage(root, heartbeat_interval, grace_period), direction, sampler, list(enqueue))
+    checked: set[int] = set()
+    close_stale(study, root, checked)
 
     def tracked(trial: optuna.Trial) -> float:
+        close_stale(study, root, checked)  # a worker that died during this sweep: close its run now
         run_tags = {**(tags or {}), "optuna_study": name, "optuna_trial": str(trial.number)}
         with tracking.run(experiment, f"{run_prefix}-t{trial.number}", tags=run_tags, root=root) as active:
             trial.set_user_attr("mlflow_run_id", active.info.run_id)
@@ -93,4 +135,5 @@ def run_study(name: str, objective: Objective, n_trials: int, *, experiment: str
     if remaining > 0:
         study.optimize(tracked, n_trials=remaining, show_progress_bar=show_progress,
                        callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))])
+    _settle(study, root, checked, heartbeat_interval, grace_period)
     return study
