@@ -102,9 +102,10 @@ def plot_active_experts(experts: pd.DataFrame, path: str | Path, systems: tuple[
     fig, axes = plt.subplots(1, max(len(hists), 1), figsize=(5 * max(len(hists), 1), 3.6), squeeze=False)
     for ax, (system, h) in zip(axes[0], hists.items()):
         width = 0.8 / len(h)
+        ks = range(1, h.shape[1])  # k = 0 never happens: the top expert always stays
         for i, (layer, fr) in enumerate(h.iterrows()):
-            ks = range(1, len(fr))
-            ax.bar([k + i * width for k in ks], [fr.iloc[k] for k in ks], width=width, label=layer)
+            ax.bar([k + (i - (len(h) - 1) / 2) * width for k in ks], [fr.iloc[k] for k in ks], width=width, label=layer)
+        ax.set_xticks(list(ks))
         ax.set_xlabel("active experts per token")
         ax.set_ylabel("fraction of tokens")
         ax.set_title(f"{system}: dynamic thresholds")
