@@ -145,3 +145,27 @@ def test_active_expert_counts_cover_valid_tokens_only():
         model(**b)
     counts = model.active_expert_counts()["projector.linear1"]
     assert sum(counts) == int(((b["feature_lengths"] + 1) // 2).sum()) and counts[0] == 0
+
+
+def test_selections_hold_out_speechocean_dev_speakers_and_sample_per_domain():
+    from asrlab.stages.hdmole import split_rows
+
+    rows = [{"id": f"so-{s}-{i}", "text": "a b", "accent": "mandarin", "corpus": "speechocean762",
+             "pool": "speechocean762", "split": split, "speaker": f"{s:02d}"}
+            for split in ("train", "test") for s in range(6) for i in range(5)]
+    rows += [{"id": f"acc-{split}-{i}", "text": "a b", "accent": "germanic", "corpus": "slurp", "pool": "accents",
+              "split": split, "speaker": "mb-de2-en"} for split in ("train", "dev", "test") for i in range(8)]
+    rows += [{"id": f"std-{i}", "text": "a b", "accent": "native", "corpus": "slurp", "pool": "real_proxy",
+              "split": "test", "speaker": "mb-us1"} for i in range(8)]
+    p = {"domains": ["germanic", "mandarin"],
+         "data": {"accent_pools": ["accents", "speechocean762"], "standard_pool": "real_proxy", "dev_speakers": 2,
+                  "train_per_domain": 100, "dev_per_domain": 100, "test_per_domain": 6, "seed": 0}}
+    sel = split_rows(rows, p)
+    dev = {r["speaker"] for r in sel["dev/mandarin"]}
+    train = {r["speaker"] for r in sel["train/mandarin"]}
+    assert len(dev) == 2 and not dev & train and len(train) == 4
+    assert all(r["split"] == "test" for r in sel["test/mandarin"]) and len(sel["test/mandarin"]) == 6
+    assert len(sel["test/standard"]) == 6 and {r["pool"] for r in sel["test/standard"]} == {"real_proxy"}
+    assert split_rows(rows, p) == sel  # seeded
+    with pytest.raises(ValueError, match="no utterance with accent 'romance'"):
+        split_rows(rows, {**p, "domains": ["romance"]})

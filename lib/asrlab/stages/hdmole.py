@@ -53,7 +53,8 @@ def split_rows(rows: list[dict], p: dict) -> dict[str, list[dict]]:
     d, seed = p["data"], p["data"]["seed"]
     domains = list(p["domains"])
     so = sorted({r["speaker"] for r in rows if r["corpus"] == "speechocean762" and r["split"] == "train"})
-    dev_speakers = set(random.Random(seed).sample(so, min(d["dev_speakers"], len(so)))) if so else set()
+    # at least one speaker stays in train; a corpus with one speaker gets no dev set (an error below)
+    dev_speakers = set(random.Random(seed).sample(so, min(d["dev_speakers"], len(so) - 1))) if so else set()
     out: dict[str, list[dict]] = {}
     for dom in domains:
         pool = [r for r in rows if r["accent"] == dom and r["pool"] in d["accent_pools"]]
