@@ -1,7 +1,9 @@
 """Inference speed (utterances/s) of HDMoLE against a merged LoRA and the frozen base LLM-ASR.
 
 Each model decodes the same accent test utterances from log-mel features (encoder included, greedy attention
-decoding, as ``hdmole_train`` scores them), median wall time of ``--repeats`` passes after one warm-up:
+decoding, as ``hdmole_train`` scores them), median wall time of ``--repeats`` passes after one warm-up; and
+a teacher-forced forward pass on the references (the same tokens for every model: decoding speed also
+depends on how long each model's hypotheses are, recorded as ``mean_hyp_words``):
 
 - ``base``: the frozen base LLM-ASR;
 - ``lora_merged``: peft LoRA on the projector with its weights merged into the Linear layers (the base's cost);
@@ -98,20 +100,40 @@ def main() -> None:
         sources["hdmole"] = "random"
     models = {"base": frozen, "lora_merged": lora, "hdmole": hd}
 
-    results = {}
-    for name, model in models.items():
-        transcribe(model, data, tok, progress=False, max_new_tokens=params["pretrain_llm_asr"]["max_tokens"] + 2)
-        times = []
-        for _ in range(args.repeats):
+    def forward_pass(model) -> None:
+        """Teacher-forced forward on the references: the same tokens for every model."""
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(data), 16):
+                model(**data.collate(list(range(i, min(i + 16, len(data))))))
+
+    def decode(model) -> list[str]:
+        return transcribe(model, data, tok, progress=False, max_new_tokens=params["pretrain_llm_asr"]["max_tokens"] + 2)
+
+    hyps = {name: decode(model) for name, model in models.items()}  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in models}
+    fwd: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.repeats):  # round robin: a change in machine load hits every model alike
+        for name, model in models.items():
             t0 = time.perf_counter()
-            transcribe(model, data, tok, progress=False, max_new_tokens=params["pretrain_llm_asr"]["max_tokens"] + 2)
-            times.append(time.perf_counter() - t0)
-        med = statistics.median(times)
+            decode(model)
+            times[name].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            forward_pass(model)
+            fwd[name].append(time.perf_counter() - t0)
+    results = {}
+    for name in models:
+        med, med_fwd = statistics.median(times[name]), statistics.median(fwd[name])
+        # decoding speed also depends on how long the hypotheses are: record their mean length
         results[name] = {"utterances": len(data), "median_s": round(med, 4), "utt_per_s": round(len(data) / med, 2),
-                         "times_s": [round(t, 4) for t in times]}
-        print(f"{name:<12} {len(data)} utt  median {med:.3f} s  {len(data) / med:7.1f} utt/s")
+                         "times_s": [round(t, 4) for t in times[name]], "mean_hyp_words": round(
+                             sum(len(h.split()) for h in hyps[name]) / len(data), 2),
+                         "forward_utt_per_s": round(len(data) / med_fwd, 2)}
+        print(f"{name:<12} {len(data)} utt  decode {len(data) / med:7.1f} utt/s (mean hyp "
+              f"{results[name]['mean_hyp_words']} words)  teacher-forced forward {len(data) / med_fwd:7.1f} utt/s")
     for name in ("lora_merged", "hdmole"):
-        results[name]["relative_to_base"] = round(results[name]["utt_per_s"] / results["base"]["utt_per_s"], 3)
+        for k in ("utt_per_s", "forward_utt_per_s"):
+            results[name][f"{k}_relative_to_base"] = round(results[name][k] / results["base"][k], 3)
     result = {"set": args.set, "repeats": args.repeats, "models": results, "adapters": sources,
               "experts": cfg.experts, "routing": cfg.routing, "total_wall_s": round(time.time() - t_start, 1),
               "machine": facts(load_before)}
