@@ -21,6 +21,7 @@ bench: setup          ## benchmarks -> results/bench/*.json (run on a quiet mach
 	python benchmarks/train_bench.py
 	python benchmarks/syn2real_bench.py
 	python benchmarks/sweep_bench.py
+	python benchmarks/hdmole_bench.py
 
 mlflow-ui: setup      ## browse every run: http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -260,3 +260,46 @@ def test_dvc_remote_round_trips_data_models_and_vectors(smoke_repo: Path, tmp_pa
     run(["dvc", "pull", "-q"], clone)
     for path in ("data/prepared", "data/audio", "models/base_aed", "models/syn2real", "models/syn2real_vectors"):
         assert (clone / path).exists() and file_hash(clone / path) == file_hash(smoke_repo / path), path
+
+# ------------------------------------------------------------------------------ hdmole study (issue 5)
+
+
+def test_smoke_repro_runs_the_hdmole_study(smoke_repo: Path):
+    import mlflow
+    import pandas as pd
+
+    p = yaml.safe_load((smoke_repo / "params.yaml").read_text())["hdmole"]
+    res = smoke_repo / "results/hdmole"
+    cache = json.loads((res / "cache.json").read_text())
+    assert set(cache["sets"]) == {f"{s}/{d}" for s in ("train", "dev", "test") for d in p["domains"]} | {"test/standard"}
+    sweep = json.loads((res / "sweep.json").read_text())
+    assert sweep["trials"] == p["sweep"]["trials"] and set(sweep["best"]) >= {"rank", "lr", "threshold_init"}
+    tab = pd.read_csv(res / "table.csv")
+    assert list(tab["system"]) == [s["name"] for s in p["systems"]]
+    for col in [f"{d}_{m}" for d in [*p["domains"], "accent", "standard"] for m in ("cer", "wer")]:
+        assert tab[col].notna().all(), col
+    by = tab.set_index("system")
+    assert by.loc["full_ft", "trainable_pct"] == 100.0 and 0 < by.loc["hdmole", "trainable_pct"] < 100
+    assert "±" in (res / "table.md").read_text()
+    for fig in ("error_vs_params.png", "active_experts.png"):
+        assert (res / fig).stat().st_size > 10_000
+    for seed in p["seeds"]:
+        assert (smoke_repo / f"models/hdmole/hdmole-s{seed}/adapters.safetensors").is_file()
+    mlflow.set_tracking_uri(f"sqlite:///{smoke_repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["hdmole"])
+    trained = sum(s["kind"] != "frozen" for s in p["systems"])
+    assert len(runs) == trained * len(p["seeds"]) + 1 and set(runs["status"]) == {"FINISHED"}
+    assert len(mlflow.search_runs(experiment_names=["hdmole_sweep"])) == p["sweep"]["trials"]
+
+
+def test_hdmole_notebook_rebuilds_the_table_from_mlflow(smoke_repo: Path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("ASRLAB_ROOT", str(smoke_repo))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "lib"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    nb = nbformat.read(ROOT / "notebooks/hdmole.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(smoke_repo)}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "table.csv matches the MLflow runs" in outputs

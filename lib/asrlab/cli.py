@@ -26,6 +26,10 @@ STAGES.update({  # soft_tokens study (issue 7)
     "soft_tokens_kmeans": ("soft_tokens", "kmeans"), "soft_tokens_train": ("soft_tokens", "train_downstream"),
     "soft_tokens_sweep": ("soft_tokens_eval", "sweep"), "soft_tokens_eval": ("soft_tokens_eval", "evaluate"),
 })
+STAGES.update({  # hdmole study (issue 5)
+    "hdmole_cache": ("hdmole", "cache"), "hdmole_sweep": ("hdmole", "run_sweep"),
+    "hdmole_train": ("hdmole", "run_systems"), "hdmole_report": ("hdmole_report", "run"),
+})
 
 
 def _profile(args) -> None:
