@@ -25,6 +25,9 @@ STAGES.update({  # soft_tokens study (issue 7)
     "soft_tokens_kmeans": ("soft_tokens", "kmeans"), "soft_tokens_train": ("soft_tokens", "train_downstream"),
     "soft_tokens_sweep": ("soft_tokens_eval", "sweep"), "soft_tokens_eval": ("soft_tokens_eval", "evaluate"),
 })
+STAGES.update({  # efin study (issue 6)
+    "efin_train": ("efin", "train_all"), "efin_report": ("efin_report", "run"),
+})
 
 
 def _profile(args) -> None:
