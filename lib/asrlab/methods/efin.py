@@ -97,18 +97,20 @@ def parse_strategies(p: dict) -> list[Strategy]:
 class EFINModel(nn.Module):
     """The LLM-ASR model plus the encoder's CTC head; ``objective`` picks the loss the trainer sees."""
 
-    def __init__(self, llm: LLMASR, ctc_head: nn.Linear, blank_id: int = 0):
+    def __init__(self, llm: LLMASR, ctc_head: nn.Linear, blank_id: int = 0, char_units: bool = True):
         super().__init__()
-        self.llm, self.ctc_head, self.blank_id = llm, ctc_head, blank_id
+        self.llm, self.ctc_head, self.blank_id, self.char_units = llm, ctc_head, blank_id, char_units
         self.objective = "llm"
 
     def forward(self, features, feature_lengths, tokens, token_lengths, ctc_tokens=None, ctc_token_lengths=None):
         if self.objective == "llm":
             return self.llm(features, feature_lengths, tokens, token_lengths)
-        if ctc_tokens is None:
-            raise ValueError("the ctc objective needs character targets (SpeechData(char_targets=True))")
+        if self.char_units:  # the AED's CTC head is over characters (asrlab's base AED) or its tokens (Whisper)
+            if ctc_tokens is None:
+                raise ValueError("a character CTC head needs character targets (SpeechData(char_targets=True))")
+            tokens, token_lengths = ctc_tokens, ctc_token_lengths
         enc = self.llm.encoder(features, feature_lengths)
-        return {"loss": ctc_loss(self.ctc_head(enc.hidden), enc.lengths, ctc_tokens, ctc_token_lengths, self.blank_id)}
+        return {"loss": ctc_loss(self.ctc_head(enc.hidden), enc.lengths, tokens, token_lengths, self.blank_id)}
 
 
 def trainable_names(model: nn.Module, stage: Stage) -> set[str]:

@@ -81,13 +81,11 @@ class Study:
         return store.load(self.p["encoder_from"])[1]
 
     def build(self, seed: int) -> EFINModel:
-        """Base AED encoder + its CTC head, base LM with fresh LoRA, a fresh projector (seeded)."""
+        """Base AED encoder + its CTC head (characters or tokens), base LM with fresh LoRA, a fresh projector (seeded)."""
         aed = self._aed()
-        if aed.ctc_units != "chars":
-            raise ValueError(f"efin.encoder_from = {self.p['encoder_from']}: stage 1 needs a character CTC head")
         torch.manual_seed(seed)
         llm = LLMASR.from_config(self.cfg, encoder=SpeechEncoder(aed.whisper.model.encoder))
-        return EFINModel(llm, aed.ctc_head, blank_id=aed.blank_id)
+        return EFINModel(llm, aed.ctc_head, blank_id=aed.blank_id, char_units=aed.ctc_units == "chars")
 
     def stage_dir(self, strategy: Strategy, i: int, seed: int) -> Path:
         """Keyed by the stages up to ``i`` (and, for the scaled stage, the budgets) — not by the strategy's name."""
