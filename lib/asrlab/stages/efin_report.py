@@ -146,6 +146,15 @@ def plot(evals: pd.DataFrame, fits: dict, metric: str, path: str | Path | None =
     return fig
 
 
+def _json_safe(obj):
+    """NaN and ±inf as null (strict JSON for DVC metrics); "never reached" is also counted in ``*_seeds``."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def run(params: dict) -> dict:
     p = params["efin"]
     results = Path(p["results_dir"])
@@ -159,7 +168,7 @@ def run(params: dict) -> dict:
     tab.to_csv(results / "table.csv", index=False, float_format="%.3f")
     write_text(results / "table.md", markdown(tab, sets, fits, head, lf))
     plot(evals, fits, metric, results / "scaling.png")
-    metrics = {"headline": head, "fits": fits, "loss_fits": lf}
+    metrics = _json_safe({"headline": head, "fits": fits, "loss_fits": lf})
     write_json(results / "metrics.json", metrics)
     print((results / "table.md").read_text())
     return metrics
