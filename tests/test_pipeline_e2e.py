@@ -303,3 +303,48 @@ def test_hdmole_notebook_rebuilds_the_table_from_mlflow(smoke_repo: Path, monkey
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(smoke_repo)}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "table.csv matches the MLflow runs" in outputs
+
+
+# ------------------------------------------------------------------------------ efin study (issue 6)
+
+
+def test_smoke_repro_runs_the_efin_study(smoke_repo: Path):
+    import mlflow
+
+    p = yaml.safe_load((smoke_repo / "params.yaml").read_text())["efin"]
+    res = smoke_repo / "results/efin"
+    evals = [json.loads(x) for x in (res / "evaluations.jsonl").read_text().splitlines()]
+    budgets = p["budget_steps"] + [p["heldout_steps"]]
+    expected = {(name, seed, s) for name, spec in p["strategies"].items() for seed in spec["seeds"] for s in budgets}
+    assert {(r["strategy"], r["seed"], r["steps"]) for r in evals} == expected
+    for r in evals:  # compute grows with the budget and every stage is counted
+        assert r["flops"] > 0 and all(v > 0 for v in r["stage_flops"].values())
+        assert r["flops"] == sum(r["stage_flops"].values())
+    by_run: dict = {}
+    for r in sorted(evals, key=lambda r: r["steps"]):
+        by_run.setdefault((r["strategy"], r["seed"]), []).append(r["flops"])
+    assert all(f == sorted(f) and len(set(f)) == len(f) for f in by_run.values())
+    fits = json.loads((res / "fits.json").read_text())
+    assert set(fits) == set(p["strategies"])
+    for f in fits.values():
+        assert {"a", "alpha", "e_inf", "r2", "predicted_at_estimate", "heldout_measured", "abs_error"} <= set(f)
+    table = (res / "table.md").read_text()
+    assert "Scaling law" in table and "relative CER reduction" in table and "±" in table
+    assert (res / "scaling.png").stat().st_size > 10_000
+    mlflow.set_tracking_uri(f"sqlite:///{smoke_repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["efin"], filter_string="tags.dvc_stage = 'efin_train'")
+    runs = runs[runs["metrics.flops"].notna()]
+    assert len(runs) == len(expected) and set(runs["status"]) == {"FINISHED"}
+
+
+def test_efin_notebook_rebuilds_the_table_from_mlflow(smoke_repo: Path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("ASRLAB_ROOT", str(smoke_repo))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "lib"), os.environ.get("PYTHONPATH", "")]))
+    nb = nbformat.read(ROOT / "notebooks/efin.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = "".join(o.get("text", "") + json.dumps(o.get("data", {})) for c in nb.cells for o in c.get("outputs", []))
+    assert "table.csv matches the MLflow runs" in outputs and "Scaling law" in outputs

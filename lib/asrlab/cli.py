@@ -30,6 +30,9 @@ STAGES.update({  # hdmole study (issue 5)
     "hdmole_cache": ("hdmole", "cache"), "hdmole_sweep": ("hdmole", "run_sweep"),
     "hdmole_train": ("hdmole", "run_systems"), "hdmole_report": ("hdmole_report", "run"),
 })
+STAGES.update({  # efin study (issue 6)
+    "efin_train": ("efin", "train_all"), "efin_report": ("efin_report", "run"),
+})
 
 
 def _profile(args) -> None:
