@@ -19,11 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 
 
-IN_CI = bool(os.environ.get("CI"))  # CI must run every test: there a missing tool or data set is a failure
-
-
-def skip_or_fail(reason: str) -> None:
-    (pytest.fail if IN_CI else pytest.skip)(f"{reason}{' (CI=true: failing instead of skipping)' if IN_CI else ''}")
+from ci_policy import IN_CI, skip_or_fail
 
 
 def pytest_collection_modifyitems(config, items):

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from conftest import skip_or_fail
+from ci_policy import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 PG = ROOT / "scripts" / "postgres-local.sh"
