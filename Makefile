@@ -29,7 +29,8 @@ mlflow-ui: setup      ## browse every run: http://127.0.0.1:5000
 # Scaling out (README "Scaling out"): a PostgreSQL cluster on loopback for Optuna and MLflow, and an MLflow
 # tracking server on it. Override e.g. `make postgres PGDIR=/srv/pg PGPORT=5433`.
 PGDIR ?= $(CURDIR)/../asrlab-postgres
-PGPORT ?= 5432
+# Port 5433, not 5432: Debian's own postgresql service may hold 5432.
+PGPORT ?= 5433
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 MLFLOW_WORKERS ?= 2

@@ -62,13 +62,10 @@ def test_one_expert_without_threshold_or_hierarchy_equals_peft_lora():
     lora[0].lora_B["default"].weight.data = layer.lora_B.data[0].clone()
     x = torch.randn(4, 7, 6)
     torch.testing.assert_close(base(x), lora(x))
-    # the dynamic threshold with one expert keeps it (the top expert always stays)
-    layer.cfg.routing = "dynamic"
-    torch.testing.assert_close(base(x), lora(x))
 
 
 def test_base_weights_stay_frozen_and_gradients_reach_routers_and_thresholds():
-    model = tiny_model(MoLEConfig(domains=2, experts_per_domain=2, rank=2, threshold_reg=0.1,
+    model = tiny_model(MoLEConfig(domains=2, experts_per_domain=2, rank=2, threshold_reg=0.0,  # ASR loss alone
                                   target_modules=["projector.linear*"]))
     randomise(model)
     for m in mole_layers(model).values():

@@ -12,7 +12,7 @@ logged; (C) the runs continue to ``heldout_steps`` and the prediction error is m
 
 Resume: each stage of each run trains into ``checkpoints/efin/s<seed>-<hash of the stages so far>`` (a stage
 shared by two strategies — same stages before it — is trained once) with a ``flops.json`` of cumulative
-FLOPs per step beside it; the last stage keeps its evaluations in ``evals.jsonl``. A rerun loads finished
+FLOPs per step beside it; the last stage keeps its evaluations in ``evals-<hash of the evaluation params>.jsonl``. A rerun loads finished
 stages from their checkpoints, resumes an interrupted stage where it stopped, and skips done evaluations.
 """
 
@@ -91,7 +91,8 @@ class Study:
         """Keyed by the stages up to ``i`` (and, for the scaled stage, the budgets) — not by the strategy's name."""
         stages = [asdict(s) for s in strategy.stages[: i + 1]]
         extra = (self.p["budget_steps"], self.p["heldout_steps"]) if i == len(strategy.stages) - 1 else ()
-        return self.ckpt_root / f"s{seed}-{stable_hash(stages, extra, self.p['train'], self.p['data'], self.inputs_hash, n=12)}"
+        model = (self.p["model"], self.p["max_tokens"], self.p["lm_from"])  # shapes, data filter and LM: all train
+        return self.ckpt_root / f"s{seed}-{stable_hash(stages, extra, self.p['train'], self.p['data'], model, self.inputs_hash, n=12)}"
 
     def train_stage(self, model: EFINModel, stage: Stage, ckpt: Path, steps: int, seed: int, desc: str) -> float:
         """Train ``stage`` to ``steps`` (resuming), counting FLOPs; returns the stage's cumulative FLOPs."""
@@ -127,7 +128,8 @@ class Study:
     def run(self, strategy: Strategy, seed: int, targets: list[int], heldout: bool = False) -> list[dict]:
         """Evaluation records of ``strategy``/``seed`` at the last stage's ``targets`` steps (done ones reused)."""
         final_dir = self.stage_dir(strategy, len(strategy.prefix), seed)
-        evals_file = final_dir / "evals.jsonl"
+        # keyed by what the evaluation reads, so changed eval sets or decoding are evaluated anew
+        evals_file = final_dir / f"evals-{stable_hash(self.p['eval_sets'], self.p['max_new_tokens'], n=8)}.jsonl"
         done = {r["steps"]: r for r in read_jsonl(evals_file)} if evals_file.is_file() else {}
         if all(s in done for s in targets):
             return [done[s] for s in targets]

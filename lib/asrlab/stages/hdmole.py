@@ -229,7 +229,7 @@ def build(ctx: Context, system: dict, tuned: dict | None, keep_encoder: bool = F
 
 def full_ft_params(model: AccentLLMASR) -> int:
     """Trainable parameters of full fine-tuning: everything after the frozen (cached) encoder — the projector
-    and the whole LM, the base's own LM LoRA included."""
+    and the whole LM (with its LoRA, were the base to carry one)."""
     return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("encoder."))
 
 
@@ -269,6 +269,7 @@ def fit(ctx: Context, name: str, system: dict, tuned: dict | None, seed: int, st
     tcfg = dataclasses.replace(_train_cfg(ctx.p, system, tuned, seed, steps), freeze=freeze, unfreeze=unfreeze)
     ckpt = Path(ctx.params.get("checkpoints_dir", "checkpoints")) / "hdmole" / stable_hash(
         name, system, tuned if system.get("tuned") else None, dataclasses.asdict(tcfg),
+        dataclasses.asdict(cfg) if cfg else None, ctx.p["lora_targets"], ctx.domains, ctx.max_tokens,
         tracking.file_hash(ctx.p["base"]), tracking.file_hash(ctx.cache / "train"), n=12)
     summary = train(model, data.lengths, data.collate, tcfg, ckpt, desc=name,
                     on_log=lambda step, m: mlflow.log_metrics(m, step=step) if mlflow.active_run() else None)
