@@ -27,7 +27,7 @@ mlflow-ui: setup      ## browse every run: http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # Scaling out (README "Scaling out"): a PostgreSQL cluster on loopback for Optuna and MLflow, and an MLflow
-# tracking server on it. Override e.g. `make postgres PGDIR=/srv/pg PGPORT=5433`.
+# tracking server on it. Override e.g. `make postgres PGDIR=/srv/pg PGPORT=5434`.
 PGDIR ?= $(CURDIR)/../asrlab-postgres
 # Port 5433, not 5432: Debian's own postgresql service may hold 5432.
 PGPORT ?= 5433

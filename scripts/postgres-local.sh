@@ -30,12 +30,12 @@ case "$cmd" in
       chmod 700 "$dir"
       as_owner "$bindir/initdb" -D "$dir" -U asrlab --auth=trust -E UTF8 --no-instructions >/dev/null
     fi
-    echo "$port" > "$dir/asrlab-port"  # read by createdb
-    [ "$(id -u)" -ne 0 ] || chown postgres: "$dir/asrlab-port"
     if as_owner "$bindir/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
-      echo "postgres-local: already running in $dir"
+      echo "postgres-local: already running in $dir (port $(cat "$dir/asrlab-port"))"
       exit 0
     fi
+    echo "$port" > "$dir/asrlab-port"  # read by createdb
+    [ "$(id -u)" -ne 0 ] || chown postgres: "$dir/asrlab-port"
     as_owner "$bindir/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 \
       -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=200" start >/dev/null
     echo "postgres-local: running on 127.0.0.1:$port (log $dir/server.log)"

@@ -12,8 +12,9 @@ logged; (C) the runs continue to ``heldout_steps`` and the prediction error is m
 
 Resume: each stage of each run trains into ``checkpoints/efin/s<seed>-<hash of the stages so far>`` (a stage
 shared by two strategies — same stages before it — is trained once) with a ``flops.json`` of cumulative
-FLOPs per step beside it; the last stage keeps its evaluations in ``evals-<hash of the evaluation params>.jsonl``. A rerun loads finished
-stages from their checkpoints, resumes an interrupted stage where it stopped, and skips done evaluations.
+FLOPs per step beside it; the last stage keeps its evaluations in ``evals-<hash of the evaluation params>.jsonl``.
+A rerun loads finished stages from their checkpoints, resumes an interrupted stage where it stopped, and
+skips done evaluations.
 """
 
 from __future__ import annotations
