@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ci_policy import skip_or_fail
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
 BIN = Path(sys.executable).parent
@@ -28,10 +30,25 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+def executed_notebook_outputs(name: str, smoke_repo: Path, monkeypatch, cwd: Path) -> str:
+    """Execute ``notebooks/<name>.ipynb`` headless on the smoke run's MLflow runs (found through ASRLAB_ROOT,
+    not an inherited MLFLOW_TRACKING_URI) with ``cwd`` as its working directory; returns the text and data
+    of every output, for the callers' assertions."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("ASRLAB_ROOT", str(smoke_repo))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "lib"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    nb = nbformat.read(ROOT / f"notebooks/{name}.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    return "".join(o.get("text", "") + json.dumps(o.get("data", {})) for c in nb.cells for o in c.get("outputs", []))
+
+
 @pytest.fixture(scope="module")
 def smoke_repo(tmp_path_factory) -> Path:
     if not SHARED_DATA.is_dir():
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"shared data not found at {SHARED_DATA}")
+        skip_or_fail(f"shared data not found at {SHARED_DATA}")
     repo = tmp_path_factory.mktemp("repo")
     for name in ("dvc.yaml", "params.yaml", "experiments", "lib"):
         src = ROOT / name
@@ -123,14 +140,7 @@ def test_smoke_repro_runs_the_syn2real_study(smoke_repo: Path):
 
 
 def test_syn2real_notebook_rebuilds_the_table_from_mlflow(smoke_repo: Path, monkeypatch):
-    import nbformat
-    from nbclient import NotebookClient
-
-    monkeypatch.setenv("ASRLAB_ROOT", str(smoke_repo))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    nb = nbformat.read(ROOT / "notebooks/syn2real.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(smoke_repo)}}).execute()
-    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    outputs = executed_notebook_outputs("syn2real", smoke_repo, monkeypatch, smoke_repo)
     assert "table.csv matches the MLflow runs" in outputs
 
 
@@ -175,15 +185,7 @@ def test_smoke_repro_runs_the_soft_tokens_study(smoke_repo: Path):
 
 
 def test_soft_tokens_notebook_rebuilds_the_table_from_mlflow(smoke_repo: Path, monkeypatch):
-    import nbformat
-    from nbclient import NotebookClient
-
-    monkeypatch.setenv("ASRLAB_ROOT", str(smoke_repo))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "lib"), os.environ.get("PYTHONPATH", "")]))
-    nb = nbformat.read(ROOT / "notebooks/soft_tokens.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-    outputs = "".join(o.get("text", "") + json.dumps(o.get("data", {})) for c in nb.cells for o in c.get("outputs", []))
+    outputs = executed_notebook_outputs("soft_tokens", smoke_repo, monkeypatch, ROOT / "notebooks")
     assert "hard/soft" in outputs and "sets at the floor" in outputs
 
 
@@ -293,15 +295,7 @@ def test_smoke_repro_runs_the_hdmole_study(smoke_repo: Path):
 
 
 def test_hdmole_notebook_rebuilds_the_table_from_mlflow(smoke_repo: Path, monkeypatch):
-    import nbformat
-    from nbclient import NotebookClient
-
-    monkeypatch.setenv("ASRLAB_ROOT", str(smoke_repo))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "lib"), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    nb = nbformat.read(ROOT / "notebooks/hdmole.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(smoke_repo)}}).execute()
-    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    outputs = executed_notebook_outputs("hdmole", smoke_repo, monkeypatch, smoke_repo)
     assert "table.csv matches the MLflow runs" in outputs
 
 
@@ -338,13 +332,5 @@ def test_smoke_repro_runs_the_efin_study(smoke_repo: Path):
 
 
 def test_efin_notebook_rebuilds_the_table_from_mlflow(smoke_repo: Path, monkeypatch):
-    import nbformat
-    from nbclient import NotebookClient
-
-    monkeypatch.setenv("ASRLAB_ROOT", str(smoke_repo))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "lib"), os.environ.get("PYTHONPATH", "")]))
-    nb = nbformat.read(ROOT / "notebooks/efin.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-    outputs = "".join(o.get("text", "") + json.dumps(o.get("data", {})) for c in nb.cells for o in c.get("outputs", []))
+    outputs = executed_notebook_outputs("efin", smoke_repo, monkeypatch, ROOT / "notebooks")
     assert "table.csv matches the MLflow runs" in outputs and "Scaling law" in outputs
