@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
 
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "`": "'", "\u00b4": "'"})
 _NOT_ALLOWED = re.compile(r"[^a-z0-9' ]+")
@@ -59,6 +60,24 @@ def normalize_transcript(text: str, where: str = "transcript") -> str:
     if not norm:
         raise TranscriptError(f"{where}: transcript {text!r} is empty after normalisation")
     return norm
+
+
+@lru_cache(maxsize=1)
+def _whisper_normalizer():
+    # Whisper's own English normaliser (transformers ships it): numbers to digits, contractions expanded,
+    # fillers and punctuation dropped. No British-to-American spelling map ships offline: an empty one.
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+    return EnglishTextNormalizer({})
+
+
+def normalize_for_scoring(text: str) -> str:
+    """The one normaliser that WER/CER apply to reference and hypothesis alike.
+
+    SLURP references are lowercase words ("wake me up at five am"); a pretrained Whisper writes cased text
+    with digits and punctuation ("Wake me up at 5 a.m."). Whisper's ``EnglishTextNormalizer`` maps both into
+    one space ("wake me up at 5 am"), then :func:`normalize_text` folds what is left to our alphabet.
+    """
+    return normalize_text(_whisper_normalizer()(text))
 
 
 # Character units for CTC heads: blank = 0, then these characters (the alphabet normalize_text leaves).

@@ -89,11 +89,25 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
                                    eos_token=EOS, unk_token=UNK)
 
 
-def encode(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
-    """Token ids of ``normalize_text(text)``, without bos/eos (models add their own)."""
-    return tokenizer.encode(normalize_text(text), add_special_tokens=False)
+WHISPER_START = "<|startoftranscript|>"
 
 
-def decode(tokenizer: PreTrainedTokenizerFast, ids: Iterable[int]) -> str:
-    """Text of ``ids`` with special tokens dropped, normalised like the references."""
-    return normalize_text(tokenizer.decode(list(ids), skip_special_tokens=True))
+def is_whisper(tokenizer) -> bool:
+    """A Whisper tokenizer (byte-level BPE whose words carry a leading space)."""
+    return WHISPER_START in tokenizer.get_vocab()
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``normalize_text(text)``, without bos/eos or prompt (models add their own).
+
+    A Whisper tokenizer gets the leading space its training text had (``" wake me up"``), so the first word
+    is the same token as in the middle of a sentence.
+    """
+    text = normalize_text(text)
+    return tokenizer.encode(" " + text if is_whisper(tokenizer) else text, add_special_tokens=False)
+
+
+def decode(tokenizer, ids: Iterable[int]) -> str:
+    """Text of ``ids`` with special tokens dropped, as the model wrote it (cased, punctuated, digits for a
+    pretrained Whisper); scoring normalises reference and hypothesis alike (:func:`asrlab.text.normalize_for_scoring`)."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True).strip()

@@ -31,7 +31,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import WhisperConfig, WhisperForConditionalGeneration
-from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from asrlab.models.batch import check_tokens, cut_at_eos
 from asrlab.models.ctc import ctc_greedy_decode, ctc_loss
@@ -124,15 +123,21 @@ class AEDModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, ctc_weight: float = 0.3, label_smoothing: float = 0.1,
-                        dtype: torch.dtype = torch.float32) -> AEDModel:
+                        dtype: torch.dtype = torch.float32, ctc_units: str | None = None) -> AEDModel:
         """Load a local Whisper checkpoint directory; the CTC head too if ``save_pretrained`` wrote one,
-        otherwise a new head over the checkpoint's vocabulary (a real openai/whisper-* has none).
+        otherwise a new head (a real openai/whisper-* has none) over ``ctc_units`` (default: the config's,
+        else the checkpoint's vocabulary).
 
         ``dtype``: transformers 5 would otherwise keep the checkpoint's dtype (fp16/bf16 checkpoints exist).
         """
         whisper = WhisperForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
-        model = cls(whisper, ctc_weight, label_smoothing)
         head_file = Path(path) / CTC_HEAD_FILE
+        saved_units = getattr(whisper.config, CTC_UNITS_FIELD, None)
+        if ctc_units is not None and saved_units is not None and head_file.is_file() and ctc_units != saved_units:
+            raise ValueError(f"{path}: its CTC head predicts {saved_units!r}, not ctc_units={ctc_units!r}")
+        if ctc_units is not None:
+            setattr(whisper.config, CTC_UNITS_FIELD, ctc_units)
+        model = cls(whisper, ctc_weight, label_smoothing)
         if head_file.is_file():
             model.ctc_head.load_state_dict(load_file(str(head_file)))
             model.ctc_head.to(dtype)
@@ -146,6 +151,18 @@ class AEDModel(nn.Module):
     @property
     def config(self) -> WhisperConfig:
         return self.whisper.config
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The decoder's prompt, from the checkpoint's generation config: a pretrained Whisper's
+        ``<|startoftranscript|> [<|en|> <|transcribe|>] <|notimestamps|>``; ``[decoder_start]`` from scratch."""
+        gen, cfg = self.whisper.generation_config, self.config
+        prompt = [cfg.decoder_start_token_id]
+        if getattr(gen, "no_timestamps_token_id", None) is None:
+            return prompt
+        if getattr(gen, "is_multilingual", False):
+            prompt += [gen.lang_to_id["<|en|>"], gen.task_to_id["transcribe"]]
+        return prompt + [gen.no_timestamps_token_id]
 
     @property
     def blank_id(self) -> int:
@@ -168,7 +185,8 @@ class AEDModel(nn.Module):
     def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor,
                 tokens: torch.Tensor | None = None, token_lengths: torch.Tensor | None = None,
                 ctc_tokens: torch.Tensor | None = None, ctc_token_lengths: torch.Tensor | None = None) -> AEDOutput:
-        """Joint loss on targets ``tokens`` (no bos/eos): decoder input ``<s> t1..tn``, labels ``t1..tn </s>``.
+        """Joint loss on targets ``tokens`` (no bos/eos): decoder input ``prompt t1..tn``, labels ``t1..tn </s>``
+        (the prompt's positions but its last carry no loss; the prompt is ``[<s>]`` from scratch).
 
         With a character CTC head, ``ctc_tokens`` (:func:`asrlab.text.char_ids`) are its targets.
         """
@@ -179,15 +197,19 @@ class AEDModel(nn.Module):
         cfg = self.config
         check_tokens(tokens, token_lengths, features.shape[0], cfg.vocab_size)
         tokens, token_lengths = tokens.to(enc.hidden.device), token_lengths.to(enc.hidden.device)
-        if tokens.shape[1] + 1 > cfg.max_target_positions:
-            raise ValueError(f"target of {tokens.shape[1]} tokens + </s> exceeds max_target_positions="
-                             f"{cfg.max_target_positions} of the decoder")
+        prompt = torch.tensor(self.prompt_ids, device=tokens.device)
+        if tokens.shape[1] + len(prompt) > cfg.max_target_positions:
+            raise ValueError(f"target of {tokens.shape[1]} tokens + {len(prompt)} prompt tokens exceeds "
+                             f"max_target_positions={cfg.max_target_positions} of the decoder")
         labels = nn.functional.pad(tokens, (0, 1), value=cfg.pad_token_id)
         positions = torch.arange(labels.shape[1], device=labels.device)[None]
         labels = labels.masked_fill(positions == token_lengths[:, None], cfg.eos_token_id)
         labels = labels.masked_fill(positions > token_lengths[:, None], -100)
         # The decoder is causal, so right padding cannot reach the valid positions: no decoder mask needed.
-        decoder_input_ids = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
+        # Input: prompt then t1..tn; labels: -100 under all prompt tokens but the last, which predicts t1.
+        B = tokens.shape[0]
+        decoder_input_ids = torch.cat([prompt.expand(B, -1), labels[:, :-1].clamp(min=0)], 1)
+        labels = torch.cat([labels.new_full((B, len(prompt) - 1), -100), labels], 1)
         logits = self._decode_step(enc, decoder_input_ids).logits
         att = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                           label_smoothing=self.label_smoothing)
@@ -207,12 +229,14 @@ class AEDModel(nn.Module):
                  prompt_ids: list[int] | None = None) -> list[list[int]]:
         """Greedy attention decoding with the KV cache, batched; ids up to ``</s>``, specials dropped.
 
-        ``prompt_ids`` default ``[decoder_start_token_id]``; a real Whisper wants e.g.
-        ``<|startoftranscript|><|en|><|transcribe|><|notimestamps|>``.
+        ``prompt_ids`` default :attr:`prompt_ids` (the checkpoint's). The generation config's
+        ``suppress_tokens`` are never emitted, its ``begin_suppress_tokens`` not as the first token.
         """
-        cfg = self.config
+        cfg, gen = self.config, self.whisper.generation_config
         enc = self.encode(features, feature_lengths)
-        prompt = torch.tensor(prompt_ids or [cfg.decoder_start_token_id], device=enc.hidden.device)
+        prompt = torch.tensor(prompt_ids or self.prompt_ids, device=enc.hidden.device)
+        suppress = [i for i in (getattr(gen, "suppress_tokens", None) or []) if i < cfg.vocab_size]
+        begin_suppress = [i for i in (getattr(gen, "begin_suppress_tokens", None) or []) if i < cfg.vocab_size]
         room = cfg.max_target_positions - len(prompt)
         max_new_tokens = room if max_new_tokens is None else min(max_new_tokens, room)
         batch = enc.hidden.shape[0]
@@ -220,17 +244,21 @@ class AEDModel(nn.Module):
         # The first call creates the EncoderDecoderCache (sized to the decoder's layers); later calls feed
         # one token each and reuse the cached self- and cross-attention keys/values.
         cache, new, done = None, [], torch.zeros(batch, dtype=torch.bool, device=enc.hidden.device)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             out = self._decode_step(enc, step_ids, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
-            nxt = out.logits[:, -1].argmax(-1).masked_fill(done, cfg.pad_token_id)
+            logits = out.logits[:, -1]
+            banned = suppress + (begin_suppress if step == 0 else [])
+            if banned:
+                logits[:, banned] = float("-inf")
+            nxt = logits.argmax(-1).masked_fill(done, cfg.pad_token_id)
             new.append(nxt)
             done |= nxt == cfg.eos_token_id
             if bool(done.all()):
                 break
             step_ids = nxt[:, None]
         ids = torch.stack(new, 1) if new else torch.empty(batch, 0, dtype=torch.long)
-        specials = {cfg.pad_token_id, cfg.bos_token_id, cfg.decoder_start_token_id}
+        specials = {cfg.pad_token_id, cfg.bos_token_id, cfg.decoder_start_token_id, *self.prompt_ids}
         return cut_at_eos(ids, cfg.eos_token_id, drop=specials)
 
     @torch.no_grad()

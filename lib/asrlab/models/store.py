@@ -1,6 +1,8 @@
 """Build the models from params and save/load them as folders, so that every stage meets at files.
 
-A saved model folder holds ``asrlab_model.json`` (kind and config) and its weights in safetensors:
+A saved model folder holds ``asrlab_model.json`` (kind and config), its tokenizer (``save_pretrained``:
+the project BPE for models built from scratch, Whisper's own for a pretrained Whisper; :func:`tokenizer`
+loads it) and its weights in safetensors:
 - ``aed``: Whisper's own ``save_pretrained`` layout + ``ctc_head.safetensors`` (loads with
   ``WhisperForConditionalGeneration.from_pretrained`` too);
 - ``llm_asr``: ``encoder/config.json`` and ``lm/config.json`` (the architectures, which may come from real
@@ -16,13 +18,14 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
-from transformers import AutoConfig, AutoModelForCausalLM, WhisperConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from asrlab.models.aed import AEDConfig, AEDModel
 from asrlab.models.encoder import EncoderConfig, SpeechEncoder
 from asrlab.models.llm_asr import LLMASR, LLMASRConfig, LMConfig, LoRASettings, add_lora
 from asrlab.models.projector import Projector
+from asrlab.tokenizer import load_tokenizer
 
 META = "asrlab_model.json"
 
@@ -45,9 +48,23 @@ def build_llm_asr(cfg: LLMASRConfig, encoder_from: str | None = None) -> LLMASR:
     return LLMASR.from_config(cfg, encoder=encoder)
 
 
-def save(model: torch.nn.Module, kind: str, path: str | Path, config=None) -> None:
+def tokenizer(path: str | Path):
+    """The tokenizer a model folder carries (written by :func:`save`, or by a converted/downloaded Whisper)."""
+    path = Path(path)
+    if (path / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(path))
+    if (path / "tokenizer.json").is_file():  # a bare tokenizers file: the project BPE
+        return load_tokenizer(path)
+    raise FileNotFoundError(f"{path}: the model folder has no tokenizer (tokenizer.json); re-run the stage "
+                            "that wrote it")
+
+
+def save(model: torch.nn.Module, kind: str, path: str | Path, config=None, tok=None) -> None:
+    """Write ``model`` (and its tokenizer ``tok``, which every ASR model folder should carry) to ``path``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if tok is not None:
+        tok.save_pretrained(str(path))
     meta = {"kind": kind}
     if kind == "aed":
         model.save_pretrained(path)
