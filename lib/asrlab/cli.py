@@ -15,7 +15,9 @@ from asrlab.params import deep_merge, load_params
 
 STAGES = {  # command -> (module, function)
     "prepare": ("prepare", "run"), "render": ("render", "run"), "features": ("features", "run"),
-    "tokenizer": ("tokenizer", "run"), "pretrain_aed": ("pretrain", "pretrain_aed"),
+    "tokenizer": ("tokenizer", "run"), "import_whisper": ("import_whisper", "run"),
+    "pretrain_aed": ("pretrain", "pretrain_aed"), "pretrain_scratch_aed": ("pretrain", "pretrain_scratch_aed"),
+    "encoder_states": ("encoder_states", "run"),
     "pretrain_lm": ("pretrain", "pretrain_lm"), "pretrain_llm_asr": ("pretrain", "pretrain_llm_asr"),
     "eval_base": ("eval_base", "run"),
     "syn2real_finetune": ("syn2real", "finetune"), "syn2real_vectors": ("syn2real", "vectors"),

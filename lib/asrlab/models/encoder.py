@@ -176,3 +176,32 @@ class SpeechEncoder(nn.Module):
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> EncoderOutput:
         return encode(self.whisper_encoder, features, lengths)
+
+
+class CachedEncoder(nn.Module):
+    """Stands in for a frozen encoder whose outputs were computed once (stage ``encoder_states``): its
+    "features" are the encoder states, (B, D, T') padded per batch like log-mels, passed through unchanged.
+
+    Training through it costs only what comes after the encoder; the real encoder goes back into the model
+    before it is saved (:func:`swap_encoder`).
+    """
+
+    def __init__(self, d_model: int, max_frames: int = 1 << 20):
+        super().__init__()
+        self._d_model, self._max_frames = d_model, max_frames
+
+    @property
+    def d_model(self) -> int:
+        return self._d_model
+
+    @property
+    def max_frames(self) -> int:
+        return self._max_frames
+
+    def forward(self, states: torch.Tensor, lengths: torch.Tensor) -> EncoderOutput:
+        if states.shape[1] != self._d_model:
+            raise ValueError(f"cached encoder states have {states.shape[1]} dims, the encoder {self._d_model}: "
+                             "the cache was made by another encoder (re-run `asrlab encoder_states`)")
+        lengths = lengths.to(states.device)
+        mask = lengths_to_mask(lengths, states.shape[2])
+        return EncoderOutput(hidden=states.transpose(1, 2) * mask[:, :, None], mask=mask, lengths=lengths)

@@ -1,19 +1,25 @@
 """Stages `pretrain_aed`, `pretrain_lm`, `pretrain_llm_asr`: the base models every study adapts.
 
-- ``pretrain_aed``: a Whisper-style AED (joint CTC/attention loss) on general text rendered in the
-  synthetic and real-proxy pools (lm.txt sentences tagged outside the held-out scenarios).
+- ``pretrain_aed``: the base AED — the pretrained Whisper (``init_from: models/whisper``, its own tokenizer
+  and prompt) fine-tuned with an optional character CTC head on its encoder (joint loss), or a Whisper-style
+  AED built from a small config when ``init_from`` is null (the smoke profile) — on general text rendered in
+  the synthetic and real-proxy pools (lm.txt sentences tagged outside the held-out scenarios).
+- ``pretrain_scratch_aed``: the same recipe from scratch with the project BPE (the base that syn2real and
+  efin adapt until their issues move them to the pretrained one).
 - ``pretrain_lm``: the LLM-ASR's small causal LM, on training text alone.
-- ``pretrain_llm_asr``: encoder (initialised from the base AED's) -> projector -> the pretrained LM with
-  LoRA, on the same speech.
+- ``pretrain_llm_asr``: the frozen encoder of ``encoder_from`` -> projector -> the pretrained LM, on the same
+  speech; with ``cache_encoder`` it trains on the encoder states stage ``encoder_states`` stored.
 
 Each trains through the one trainer, resumes from ``checkpoints/<stage>/<config hash>`` after an
 interruption, logs the training curve and a dev evaluation to MLflow, and writes its model folder
-(:mod:`asrlab.models.store`) and ``results/base/<stage>.json``.
+(:mod:`asrlab.models.store`, with the tokenizer the model was trained with) and ``results/base/<stage>.json``.
+Dev evaluation goes through the one evaluation path (:func:`asrlab.evaluation.evaluate`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import time
@@ -24,11 +30,11 @@ import torch
 
 from asrlab import tracking
 from asrlab.audio.features import FeatureStore
-from asrlab.decode import transcribe
-from asrlab.evaluation import error_rates
+from asrlab.evaluation import evaluate
 from asrlab.io import read_jsonl, stable_hash, write_json
 from asrlab.models import store
 from asrlab.models.aed import AEDModel
+from asrlab.models.encoder import CachedEncoder
 from asrlab.models.batch import pad_tokens
 from asrlab.tokenizer import encode, load_tokenizer
 from asrlab.training.data import SpeechData, select
@@ -39,6 +45,9 @@ def _ckpt_dir(params: dict, stage: str) -> Path:
     """Checkpoints are keyed by the stage's params and its inputs, so a changed config never resumes a stale run."""
     p = params[stage]
     inputs = [tracking.file_hash(params["tokenizer"]["out_dir"]), tracking.file_hash(Path(params["features"]["out_dir"]) / "index.jsonl")]
+    inputs += [tracking.file_hash(p[k]) for k in ("init_from", "encoder_from", "lm_from") if p.get(k)]
+    if p.get("cache_encoder"):
+        inputs.append(tracking.file_hash(Path(params["encoder_states"]["out_dir"]) / "index.jsonl"))
     return Path(params.get("checkpoints_dir", "checkpoints")) / stage / stable_hash(p, inputs, n=12)
 
 
@@ -74,20 +83,17 @@ def _speech(params: dict, stage: str, tok, max_frames: int, max_tokens: int, cha
 
 
 def _dev_eval(model, dev, tok, methods: list[str]) -> dict:
-    refs = [r["text"] for r in dev.rows]
     out = {}
     for m in methods:
-        t0 = time.time()
-        hyps = transcribe(model, dev, tok, method=m, desc=f"dev ({m})")
-        rates = error_rates(refs, hyps)
-        out[f"dev_{m}_wer"], out[f"dev_{m}_cer"] = rates["wer"], rates["cer"]
-        out[f"dev_{m}_utt_per_s"] = round(len(refs) / (time.time() - t0), 1)
+        result = evaluate(model, dev, tok, method=m, run_name=f"dev ({m})")
+        out[f"dev_{m}_wer"], out[f"dev_{m}_cer"] = result.wer, result.cer
+        out[f"dev_{m}_utt_per_s"] = round(len(dev) / result.seconds, 1)
     return out
 
 
-def _finish(params: dict, stage: str, model, kind: str, config, summary: dict, t0: float) -> dict:
+def _finish(params: dict, stage: str, model, kind: str, config, summary: dict, t0: float, tok) -> dict:
     p = params[stage]
-    store.save(model, kind, p["out_dir"], config)
+    store.save(model, kind, p["out_dir"], config, tok=tok)
     summary["wall_seconds"] = round(time.time() - t0, 1)
     summary["trainable_params"] = sum(x.numel() for x in model.parameters() if x.requires_grad)
     summary["params"] = sum(x.numel() for x in model.parameters())
@@ -97,22 +103,37 @@ def _finish(params: dict, stage: str, model, kind: str, config, summary: dict, t
     return summary
 
 
-def pretrain_aed(params: dict) -> dict:
-    stage, p, t0 = "pretrain_aed", params["pretrain_aed"], time.time()
+def _aed(params: dict, stage: str) -> dict:
+    p, t0 = params[stage], time.time()
     _setup(p)
-    tok = load_tokenizer(params["tokenizer"]["out_dir"])
-    cfg = store.aed_config(p["model"], len(tok))
-    model = AEDModel.from_pretrained(p["init_from"]) if p.get("init_from") else AEDModel.from_config(cfg)
-    train_data, dev = _speech(params, stage, tok, model.max_frames, model.config.max_target_positions - 2,
-                              char_targets=model.ctc_units == "chars")
-    with _tracked(stage, {**p["train"], **{f"model.{k}": v for k, v in p["model"].items()}}, {"model_kind": "aed"}):
+    m = p["model"]
+    if p.get("init_from"):  # a pretrained Whisper with its own tokenizer, prompt and special ids
+        tok = store.tokenizer(p["init_from"])
+        model, cfg = AEDModel.from_pretrained(p["init_from"], m["ctc_weight"], m["label_smoothing"],
+                                              ctc_units=m.get("ctc_units")), None
+    else:
+        tok = load_tokenizer(params["tokenizer"]["out_dir"])
+        cfg = store.aed_config(m, len(tok))
+        model = AEDModel.from_config(cfg)
+    max_tokens = model.config.max_target_positions - len(model.prompt_ids) - 1
+    train_data, dev = _speech(params, stage, tok, model.max_frames, max_tokens, char_targets=model.ctc_units == "chars")
+    with _tracked(stage, {**p["train"], "init_from": p.get("init_from"), **{f"model.{k}": v for k, v in m.items()}},
+                  {"model_kind": "aed"}):
         summary = train(model, train_data.lengths, train_data.collate, TrainConfig.from_params(p["train"]),
                         _ckpt_dir(params, stage), on_log=_log, desc=stage)
         if not _is_main():
             return summary
         summary.update(train_utterances=len(train_data), train_hours=round(sum(train_data.lengths) / 360000, 2))
-        summary.update(_dev_eval(model, dev, tok, ["attention", "ctc"]))
-        return _finish(params, stage, model, "aed", cfg, summary, t0)
+        summary.update(_dev_eval(model, dev, tok, ["attention", "ctc"] if model.ctc_weight > 0 else ["attention"]))
+        return _finish(params, stage, model, "aed", cfg, summary, t0, tok)
+
+
+def pretrain_aed(params: dict) -> dict:
+    return _aed(params, "pretrain_aed")
+
+
+def pretrain_scratch_aed(params: dict) -> dict:
+    return _aed(params, "pretrain_scratch_aed")
 
 
 class CausalLMObjective(torch.nn.Module):
@@ -159,22 +180,34 @@ def pretrain_lm(params: dict) -> dict:
         if not _is_main():
             return summary
         summary["train_sentences"] = len(texts)
-        return _finish(params, stage, lm, "lm", None, summary, t0)
+        return _finish(params, stage, lm, "lm", None, summary, t0, tok)
 
 
 def pretrain_llm_asr(params: dict) -> dict:
     stage, p, t0 = "pretrain_llm_asr", params["pretrain_llm_asr"], time.time()
     _setup(p)
-    tok = load_tokenizer(params["tokenizer"]["out_dir"])
+    tok = store.tokenizer(p["lm_from"]) if p.get("lm_from") else load_tokenizer(params["tokenizer"]["out_dir"])
     cfg = store.llm_asr_config(p["model"], len(tok), lm_path=p.get("lm_from"))
     model = store.build_llm_asr(cfg, encoder_from=p.get("encoder_from"))
     train_data, dev = _speech(params, stage, tok, model.max_frames, p["max_tokens"])
+    encoder = model.encoder
+    if p.get("cache_encoder"):  # train on the states `encoder_states` stored: the encoder must stay frozen
+        if not any(fnmatch.fnmatch("encoder.x", pat) for pat in p["train"].get("freeze", [])):
+            raise ValueError("pretrain_llm_asr.cache_encoder needs the encoder frozen (train.freeze: ['encoder.*'])")
+        states = FeatureStore(params["encoder_states"]["out_dir"])
+        spec = {**p["data"], "exclude_scenarios": params.get("heldout_scenarios", [])}
+        train_data = SpeechData(select(list(states.rows.values()), spec), states, tok, None, p["max_tokens"])
+        model.encoder = CachedEncoder(encoder.d_model)
     with _tracked(stage, {**p["train"], "encoder_from": p.get("encoder_from"), "lm_from": p.get("lm_from"),
-                          "lora": json.dumps(p["model"].get("lora"))}, {"model_kind": "llm_asr"}):
-        summary = train(model, train_data.lengths, train_data.collate, TrainConfig.from_params(p["train"]),
-                        _ckpt_dir(params, stage), on_log=_log, desc=stage)
+                          "cache_encoder": bool(p.get("cache_encoder")), "lora": json.dumps(p["model"].get("lora"))},
+                  {"model_kind": "llm_asr"}):
+        try:
+            summary = train(model, train_data.lengths, train_data.collate, TrainConfig.from_params(p["train"]),
+                            _ckpt_dir(params, stage), on_log=_log, desc=stage)
+        finally:
+            model.encoder = encoder  # the real (frozen) encoder goes back before evaluation and saving
         if not _is_main():
             return summary
         summary.update(train_utterances=len(train_data))
         summary.update(_dev_eval(model, dev, tok, ["attention"]))
-        return _finish(params, stage, model, "llm_asr", cfg, summary, t0)
+        return _finish(params, stage, model, "llm_asr", cfg, summary, t0, tok)
