@@ -85,9 +85,9 @@ def _dev_eval(model, dev, tok, methods: list[str]) -> dict:
     return out
 
 
-def _finish(params: dict, stage: str, model, kind: str, config, summary: dict, t0: float) -> dict:
+def _finish(params: dict, stage: str, model, kind: str, config, summary: dict, t0: float, tok) -> dict:
     p = params[stage]
-    store.save(model, kind, p["out_dir"], config)
+    store.save(model, kind, p["out_dir"], config, tok=tok)
     summary["wall_seconds"] = round(time.time() - t0, 1)
     summary["trainable_params"] = sum(x.numel() for x in model.parameters() if x.requires_grad)
     summary["params"] = sum(x.numel() for x in model.parameters())
@@ -112,7 +112,7 @@ def pretrain_aed(params: dict) -> dict:
             return summary
         summary.update(train_utterances=len(train_data), train_hours=round(sum(train_data.lengths) / 360000, 2))
         summary.update(_dev_eval(model, dev, tok, ["attention", "ctc"]))
-        return _finish(params, stage, model, "aed", cfg, summary, t0)
+        return _finish(params, stage, model, "aed", cfg, summary, t0, tok)
 
 
 class CausalLMObjective(torch.nn.Module):
@@ -159,7 +159,7 @@ def pretrain_lm(params: dict) -> dict:
         if not _is_main():
             return summary
         summary["train_sentences"] = len(texts)
-        return _finish(params, stage, lm, "lm", None, summary, t0)
+        return _finish(params, stage, lm, "lm", None, summary, t0, tok)
 
 
 def pretrain_llm_asr(params: dict) -> dict:
@@ -177,4 +177,4 @@ def pretrain_llm_asr(params: dict) -> dict:
             return summary
         summary.update(train_utterances=len(train_data))
         summary.update(_dev_eval(model, dev, tok, ["attention"]))
-        return _finish(params, stage, model, "llm_asr", cfg, summary, t0)
+        return _finish(params, stage, model, "llm_asr", cfg, summary, t0, tok)
