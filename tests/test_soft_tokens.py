@@ -172,11 +172,40 @@ def test_layer_set_round_trip_and_input_modes(tmp_path):
     assert data.lengths == [7, 4] and [r["id"] for r in data.rows] == ["u0", "u1"]
     c = torch.randn(5, 6)
     feats = data.use("features").collate([0, 1])
-    assert feats["inputs"].shape == (2, 7, 6) and torch.equal(feats["inputs"][1, 4:], torch.zeros(3, 6))
+    assert feats["features"].shape == (2, 7, 6) and torch.equal(feats["features"][1, 4:], torch.zeros(3, 6))
     assert feats["targets"].shape[0] == 2 and feats["target_lengths"].tolist() == [12, 2]
-    hard = data.use("tokens", c).collate([0, 1])["inputs"]
+    hard = data.use("tokens", c).collate([0, 1])["features"]
     assert hard.dtype == torch.int64 and torch.equal(hard[0], hard_assign(frames[0].half().float(), c))
-    soft = data.use("soft", c, tau=0.0).collate([0, 1])["inputs"]
+    soft = data.use("soft", c, tau=0.0).collate([0, 1])["features"]
     assert soft.shape == (2, 7, 5) and torch.equal(soft[0].argmax(-1), hard[0])
     with pytest.raises(ValueError, match="mode"):
         data.use("logits")
+
+
+@pytest.mark.parametrize("mode", ["features", "tokens", "soft"])
+def test_layer_set_decodes_through_the_one_evaluation_path(tmp_path, mode):
+    """evaluate() batches a LayerSet like SpeechData and writes the downstream's characters: in every input mode
+    its hypotheses are the model's greedy CTC output on each utterance alone, scored against the rows' text."""
+    from asrlab.evaluation import error_rates, evaluate
+    from asrlab.ssl.layerdata import LayerSet, save_set
+    from asrlab.text import chars_to_text
+
+    torch.manual_seed(0)
+    rows = [{"id": f"u{i}", "text": t, "scenario": "alarm", "speaker": f"s{i % 2}"}
+            for i, t in enumerate(["set an alarm", "wake me up", "hi there", "play jazz", "stop"])]
+    frames = [torch.randn(n, 6) for n in (9, 4, 7, 12, 3)]
+    save_set(tmp_path, "test_x", rows, frames)
+    data, c = LayerSet(tmp_path, "test_x"), torch.randn(5, 6)
+    data.use(mode, c, 0.5) if mode != "features" else data.use("features")
+    cfg = DownstreamConfig(input="features" if mode == "features" else "tokens", n_tokens=5, feature_dim=6,
+                           d_model=16, layers=1, heads=2, ffn_dim=32)
+    model = DownstreamCTC(cfg).eval()
+    with torch.no_grad():  # a bias towards "a" and " " so that the hypotheses are not all empty
+        model.head.bias[2] += 3.0
+    alone = [chars_to_text(model.generate(*data.inputs([i]))[0]) for i in range(len(data))]
+    assert any(alone)
+    ev = evaluate(model, data, None, method="ctc", max_frames=20, group_keys=("speaker",), progress=False,
+                  hyps_path=tmp_path / "h.tsv")
+    assert [r["hyp"] for r in ev.rows] == alone and [r["id"] for r in ev.rows] == [r["id"] for r in rows]
+    assert ev.scores["overall"] == error_rates([r["text"] for r in rows], alone)
+    assert {"speaker/s0", "speaker/s1"} <= set(ev.scores) and (tmp_path / "h.tsv").is_file()

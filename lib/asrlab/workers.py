@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from asrlab.io import item_seed, stable_hash
+from asrlab.io import item_seed
 
 if TYPE_CHECKING:  # mlflow, optuna and torch load only when a worker runs, not for `asrlab --help`
     from asrlab.sweep import Objective
@@ -37,50 +37,22 @@ class Sweep:
 
 
 def syn2real_sweeps(params: dict) -> Iterator[Sweep]:
-    """The λ sweeps of ``syn2real_evaluate``, named exactly as that stage names them (so the stage reuses
-    the workers' trials): one per seed, target and task vector, on the target's real dev speech."""
-    from asrlab import tracking
-    from asrlab.decode import transcribe
-    from asrlab.evaluation import error_rates
+    """The λ sweeps of ``syn2real_evaluate`` (:func:`asrlab.stages.syn2real.lambda_sweeps`, so the stage reuses
+    the workers' trials), each objective loading its baseline, task vector and dev set when it is first run."""
     from asrlab.methods.task_vectors import TaskVector
-    from asrlab.models import store
     from asrlab.stages import syn2real as s2r
 
     ctx = s2r.Context(params)
-    p, sw = ctx.p, ctx.p["sweep"]
-    base = ctx.load("base")
-    vfiles = s2r.vector_files(p, ctx.scenarios)
-    for seed in p["seeds"]:
-        for src, (_, targets) in s2r.source_sets(p, ctx.scenarios).items():
-            src_seed = s2r.source_seed(p, seed)
-            for target in targets:
-                baseline = ctx.models_dir / f"s{seed}/{target}/baseline"
-                baseline_md5 = tracking.file_hash(baseline)
-                for kind, path in vfiles[f"s{src_seed}/{src}"].items():
+    for seed, src, target in s2r.targets(ctx):
+        for ls in s2r.lambda_sweeps(ctx, seed, src, target):
 
-                    def objective(target=target, baseline=baseline, path=path) -> Objective:
-                        dev = ctx.data([p["real_pool"]], [target], "dev", base)
-                        model = store.load(baseline)[1]
-                        refs = [r["text"] for r in dev.rows]
-                        keep = {k: v.clone() for k, v in model.state_dict().items()}
-                        tau = TaskVector.load(path)
+            def objective(ls=ls) -> Objective:
+                model = ctx.load(ls.baseline)
+                dev = ctx.data([ctx.p["real_pool"]], [ls.target], "dev", model)
+                keep = {k: v.clone() for k, v in model.state_dict().items()}
+                return s2r.lambda_objective(ctx, model, keep, TaskVector.load(ls.vector), dev)
 
-                        def trial_fn(trial):
-                            tau.apply_to(model, trial.suggest_float("lambda", *sw["lambda_range"]), base=keep)
-                            rates = error_rates(refs, transcribe(model, dev, ctx.tok, method=sw["decoding"],
-                                                                 progress=False))
-                            return rates[sw["metric"]], {"dev_wer": rates["wer"], "dev_cer": rates["cer"]}
-                        return trial_fn
-
-                    key = stable_hash(ctx.inputs_hash, tracking.file_hash(path), baseline_md5, sw, n=10)
-                    yield Sweep(f"syn2real-{target}-s{seed}-{kind}-{key}", f"{target}-s{seed}-{kind}", objective,
-                                sw["trials"], dict(
-                                    experiment="syn2real_sweep", run_prefix=f"{target}-s{seed}-{kind}",
-                                    seed=item_seed(sw["sampler_seed"], seed, target, kind),
-                                    startup_trials=sw["startup_trials"],
-                                    enqueue=[{"lambda": v} for v in sw["enqueue"]],
-                                    tags={"study": "syn2real", "seed": str(seed), "target": target, "vector": kind,
-                                          "split": "dev"}))
+            yield Sweep(ls.name, ls.label, objective, ctx.p["sweep"]["trials"], ls.kwargs)
 
 
 def check_sweeps(params: dict) -> Iterator[Sweep]:

@@ -176,3 +176,25 @@ def test_character_ctc_head_trains_decodes_and_survives_save_and_load(tmp_path, 
     again = AEDModel.from_pretrained(tmp_path)
     assert again.ctc_units == "chars" and again.whisper.model.encoder.conv1.stride == (2,)
     torch.testing.assert_close(again.eval().forward(feats, lengths).ctc_logits, model.forward(feats, lengths).ctc_logits)
+
+
+def test_a_model_folder_carries_the_tokenizer_it_was_saved_with(tmp_path):
+    """store.save(tok=) puts the vocabulary beside the weights; store.tokenizer gives it back (same ids and
+    special ids) and refuses a folder saved without one, rather than falling back to another tokenizer."""
+    import dataclasses
+
+    from asrlab.models import store
+    from asrlab.tokenizer import encode, load_tokenizer, save_tokenizer, train_tokenizer
+
+    texts = ["set an alarm for seven am", "wake me up at five", "play some jazz music please"]
+    tok = load_tokenizer(save_tokenizer(train_tokenizer(texts, vocab_size=60, min_frequency=1), tmp_path / "bpe"))
+    model = make_model(cfg=dataclasses.replace(CFG, vocab_size=len(tok)))
+    store.save(model, "aed", tmp_path / "bare")
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        store.tokenizer(tmp_path / "bare")
+    store.save(model, "aed", tmp_path / "model", tok=tok)
+    again = store.tokenizer(tmp_path / "model")
+    assert again.get_vocab() == tok.get_vocab() and len(again) == len(tok)
+    assert encode(again, "Wake me up at FIVE!") == encode(tok, "Wake me up at FIVE!")
+    assert (again.pad_token_id, again.bos_token_id, again.eos_token_id) == (0, 1, 2)
+    assert store.load(tmp_path / "model")[0] == "aed"

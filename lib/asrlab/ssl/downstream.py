@@ -46,6 +46,8 @@ def sinusoids(T: int, d: int) -> torch.Tensor:
 
 
 class DownstreamCTC(nn.Module):
+    ctc_units = "chars"  # its CTC head is over characters: asrlab.decode writes them as text, no tokenizer
+
     def __init__(self, cfg: DownstreamConfig):
         super().__init__()
         if cfg.input not in ("tokens", "features"):
@@ -81,12 +83,13 @@ class DownstreamCTC(nn.Module):
         x = self.encoder(x, src_key_padding_mask=~valid)
         return self.head(self.norm(x))
 
-    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor | None = None,
+    def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor, targets: torch.Tensor | None = None,
                 target_lengths: torch.Tensor | None = None) -> dict:
-        logits = self.logits(inputs, lengths)
-        out = {"logits": logits, "lengths": lengths}
+        """``features``: the inputs of :meth:`input_embedding` (named as every model's input frames are)."""
+        logits = self.logits(features, feature_lengths)
+        out = {"logits": logits, "lengths": feature_lengths}
         if targets is not None:
-            out["loss"] = ctc_loss(logits, lengths, targets, target_lengths, blank=0)
+            out["loss"] = ctc_loss(logits, feature_lengths, targets, target_lengths, blank=0)
         return out
 
     @torch.no_grad()

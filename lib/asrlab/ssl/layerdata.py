@@ -70,6 +70,8 @@ class LayerSet:
         return x, lengths
 
     def collate(self, idx: list[int]) -> dict:
+        """The downstream's batch; ``features`` / ``feature_lengths`` as every dataset names a model's input
+        frames (here ids, distributions or layer frames), so that :func:`asrlab.decode.transcribe` decodes it."""
         x, lengths = self.inputs(idx)
         targets, target_lengths = pad_tokens([self.targets[i] for i in idx])
-        return {"inputs": x, "lengths": lengths, "targets": targets, "target_lengths": target_lengths}
+        return {"features": x, "feature_lengths": lengths, "targets": targets, "target_lengths": target_lengths}

@@ -30,17 +30,14 @@ import numpy as np
 import torch
 import transformers
 
-from asrlab import tracking
+from asrlab import evaluation, tracking
 from asrlab.audio.features import FeatureStore
-from asrlab.decode import transcribe
-from asrlab.evaluation import error_rates
 from asrlab.io import read_jsonl, stable_hash, write_json, write_jsonl
 from asrlab.methods.efin import EFINModel, Fit, FlopCounter, Stage, Strategy, fit_scaling_law, parse_strategies
 from asrlab.models import store
 from asrlab.models.aed import AEDModel
 from asrlab.models.encoder import SpeechEncoder
 from asrlab.models.llm_asr import LLMASR
-from asrlab.tokenizer import load_tokenizer
 from asrlab.training.batching import bucket_batches
 from asrlab.training.checkpoint import latest_checkpoint
 from asrlab.training.data import SpeechData, select
@@ -60,7 +57,7 @@ class Study:
             raise ValueError(f"efin.budget_steps = {steps}: at least 4 increasing step counts (>= 1)")
         if self.p["heldout_steps"] <= steps[-1]:
             raise ValueError(f"efin.heldout_steps = {self.p['heldout_steps']} must exceed the last budget {steps[-1]}")
-        self.tok = load_tokenizer(self.params["tokenizer"]["out_dir"])
+        self.tok = store.tokenizer(self.p["lm_from"])  # the LLM's vocabulary: its embeddings and output layer
         self.fs = FeatureStore(self.params["features"]["out_dir"])
         rows = list(self.fs.rows.values())
         # the encoder and the LM come from their folders: only stacking, projector and LoRA are configured here
@@ -73,9 +70,9 @@ class Study:
         if self.p["fit_on"]["set"] not in self.eval_sets:
             raise ValueError(f"efin.fit_on.set = {self.p['fit_on']['set']!r} is not one of efin.eval_sets "
                              f"{sorted(self.eval_sets)}")
+        # the LM folder's hash covers the tokenizer files it carries
         self.inputs_hash = stable_hash(tracking.file_hash(self.p["encoder_from"]), tracking.file_hash(self.p["lm_from"]),
-                                       tracking.file_hash(Path(self.fs.dir) / "index.jsonl"),
-                                       tracking.file_hash(self.params["tokenizer"]["out_dir"]), n=12)
+                                       tracking.file_hash(Path(self.fs.dir) / "index.jsonl"), n=12)
         self.ckpt_root = Path(self.params.get("checkpoints_dir", "checkpoints")) / "efin"
 
     def _aed(self) -> AEDModel:
@@ -120,9 +117,9 @@ class Study:
         """WER and CER (greedy decoding) and the teacher-forced token loss of every evaluation set."""
         out = {}
         for name, data in self.eval_sets.items():
-            hyps = transcribe(model.llm, data, self.tok, max_new_tokens=self.p["max_new_tokens"], progress=False)
-            rates = error_rates([r["text"] for r in data.rows], hyps)
-            out[f"{name}_wer"], out[f"{name}_cer"] = rates["wer"], rates["cer"]
+            ev = evaluation.evaluate(model.llm, data, self.tok, max_new_tokens=self.p["max_new_tokens"], group_keys=(),
+                                     progress=False)
+            out[f"{name}_wer"], out[f"{name}_cer"] = ev.wer, ev.cer
             out[f"{name}_loss"] = round(token_loss(model.llm, data, self.p["train"]["max_frames"]), 4)
         return out
 

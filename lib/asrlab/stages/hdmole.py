@@ -29,15 +29,14 @@ import transformers
 from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 
-from asrlab import sweep, tracking
+from asrlab import evaluation, sweep, tracking
 from asrlab.audio.features import FeatureStore
-from asrlab.decode import transcribe
-from asrlab.evaluation import error_rates, flat_metrics, score, write_hypotheses
+from asrlab.evaluation import Evaluation, error_rates, flat_metrics
 from asrlab.io import item_seed, stable_hash, write_json, write_jsonl
 from asrlab.methods.hdmole import AccentLLMASR, MoLEConfig, adapter_state, save_adapters
 from asrlab.models import store
 from asrlab.models.batch import pad_features, pad_tokens
-from asrlab.tokenizer import encode, load_tokenizer
+from asrlab.tokenizer import encode
 from asrlab.training.trainer import TrainConfig, train
 
 SPLITS = ("train", "dev", "test")
@@ -113,7 +112,7 @@ class Context:
         self.params, self.p = params, params["hdmole"]
         torch.set_num_threads(int(os.environ.get("ASRLAB_THREADS", os.cpu_count() or 1)))
         transformers.utils.logging.disable_progress_bar()
-        self.tok = load_tokenizer(params["tokenizer"]["out_dir"])
+        self.tok = store.tokenizer(self.p["base"])  # the LLM-ASR's own vocabulary: its LM's embeddings
         self.domains = list(self.p["domains"])
         self.cache = Path(self.p["cache_dir"])
         self.results = Path(self.p["results_dir"])
@@ -241,20 +240,19 @@ def _train_cfg(p: dict, system: dict, tuned: dict | None, seed: int, steps: int 
     return TrainConfig.from_params(t)
 
 
-def evaluate(ctx: Context, model, key: str) -> tuple[dict, list[dict], dict]:
-    """(rates, hypothesis rows, active-expert histograms per layer) of ``model`` on cached set ``key``."""
-    data = ctx.set(key)
-    if isinstance(model, AccentLLMASR):
+def evaluate(ctx: Context, model, key: str, hyps_path: Path | None = None) -> tuple[Evaluation, dict]:
+    """The evaluation of ``model`` on cached set ``key`` (overall rates; hypotheses to ``hyps_path``) and its
+    active-expert histograms per layer."""
+    routed = isinstance(model, AccentLLMASR)
+    if routed:
         model.reset_counts()
         model.ctx.record = True
-    hyps = transcribe(model, data, ctx.tok, method="attention", max_frames=ctx.p["decode_max_frames"],
-                      max_new_tokens=ctx.max_tokens + 2, progress=False)
-    counts = model.active_expert_counts() if isinstance(model, AccentLLMASR) else {}
-    if isinstance(model, AccentLLMASR):
+    ev = evaluation.evaluate(model, ctx.set(key), ctx.tok, max_frames=ctx.p["decode_max_frames"],
+                             max_new_tokens=ctx.max_tokens + 2, group_keys=(), hyps_path=hyps_path, progress=False)
+    counts = model.active_expert_counts() if routed else {}
+    if routed:
         model.ctx.record = False
-    rows = [{"id": r["id"], "accent": r["accent"], "speaker": r["speaker"], "ref": r["text"], "hyp": h}
-            for r, h in zip(data.rows, hyps)]
-    return error_rates([r["ref"] for r in rows], hyps), rows, counts
+    return ev, counts
 
 
 def trainable(model) -> int:
@@ -267,6 +265,7 @@ def fit(ctx: Context, name: str, system: dict, tuned: dict | None, seed: int, st
     model, freeze, unfreeze, cfg = build(ctx, system, tuned)
     data = ctx.train_set()
     tcfg = dataclasses.replace(_train_cfg(ctx.p, system, tuned, seed, steps), freeze=freeze, unfreeze=unfreeze)
+    # keyed by the base folder, which holds the tokenizer too
     ckpt = Path(ctx.params.get("checkpoints_dir", "checkpoints")) / "hdmole" / stable_hash(
         name, system, tuned if system.get("tuned") else None, dataclasses.asdict(tcfg),
         dataclasses.asdict(cfg) if cfg else None, ctx.p["lora_targets"], ctx.domains, ctx.max_tokens,
@@ -292,13 +291,12 @@ def run_sweep(params: dict) -> dict:
                  "threshold_reg": trial.suggest_float("threshold_reg", *sw["threshold_reg"]),
                  "lr": trial.suggest_float("lr", *sw["lr"], log=True)}
         model, _, n, _ = fit(ctx, f"sweep-t{trial.number}", {**system, "tuned": True}, tuned, sw["seed"], sw["steps"])
-        refs, hyps, metrics = [], [], {"trainable_params": n}
+        rows, metrics = [], {"trainable_params": n}
         for key in dev_keys:
-            rates, rows, _ = evaluate(ctx, model, key)
-            metrics.update({f"{key.split('/')[1]}/cer": rates["cer"], f"{key.split('/')[1]}/wer": rates["wer"]})
-            refs += [r["ref"] for r in rows]
-            hyps += [r["hyp"] for r in rows]
-        overall = error_rates(refs, hyps)
+            ev, _ = evaluate(ctx, model, key)
+            metrics.update(flat_metrics(ev.scores, prefix=f"{key.split('/')[1]}/"))
+            rows += ev.rows
+        overall = error_rates([r["ref"] for r in rows], [r["hyp"] for r in rows])
         metrics.update(dev_cer=overall["cer"], dev_wer=overall["wer"])
         return overall[sw["metric"]], metrics
 
@@ -350,12 +348,10 @@ def run_systems(params: dict) -> dict:
                        "train_loss": summary["last_loss"], "train_seconds": round(train_s, 1)}
                 metrics = {"trainable_params": n, "trainable_pct": rec["trainable_pct"]}
                 for key in test_keys:
-                    rates, rows, counts = evaluate(ctx, model, key)
                     dom = key.split("/")[1]
-                    rec[f"{dom}_wer"], rec[f"{dom}_cer"] = rates["wer"], rates["cer"]
-                    metrics.update(flat_metrics(score(rows, group_keys=()), prefix=f"{dom}/"))
-                    hyp = ctx.results / "hyps" / f"{run_name}-{dom}.tsv"
-                    write_hypotheses(hyp, rows)
+                    ev, counts = evaluate(ctx, model, key, ctx.results / "hyps" / f"{run_name}-{dom}.tsv")
+                    rec[f"{dom}_wer"], rec[f"{dom}_cer"] = ev.wer, ev.cer
+                    metrics.update(flat_metrics(ev.scores, prefix=f"{dom}/"))
                     for layer, hist in counts.items():
                         experts.append({"system": name, "seed": seed, "set": dom, "layer": layer, "counts": hist})
                         metrics.update({f"active/{dom}/{layer}/{k}": c for k, c in enumerate(hist)})

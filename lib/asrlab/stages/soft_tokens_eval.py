@@ -18,40 +18,31 @@ import statistics
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import optuna
 import pandas as pd
 
-from asrlab import tracking
-from asrlab.evaluation import error_rates, write_hypotheses
+from asrlab import evaluation, tracking
+from asrlab.evaluation import write_hypotheses
 from asrlab.io import stable_hash, write_json, write_text
 from asrlab.ssl.layerdata import LayerSet
 from asrlab.stages.soft_tokens import _paths, _threads, load_centroids, load_downstream, systems
 from asrlab.sweep import run_study
-from asrlab.text import chars_to_text
 
 FLOOR_CER = 70.0
+DECODE_FRAMES = 20000  # padded frames per decoding batch
 
 
-def transcribe(model, data: LayerSet, max_frames: int = 20000) -> list[str]:
-    """Greedy CTC hypotheses for every utterance of ``data`` in its current input mode, in order."""
-    order = sorted(range(len(data)), key=lambda i: -data.lengths[i])
-    hyps: list[str] = [""] * len(data)
-    i = 0
-    while i < len(order):
-        per = max(1, max_frames // data.lengths[order[i]])
-        idx = order[i: i + per]
-        x, lengths = data.inputs(idx)
-        for j, ids in zip(idx, model.generate(x, lengths)):
-            hyps[j] = chars_to_text(ids)
-        i += per
-    return hyps
+def ctc_eval(model, data: LayerSet, **kwargs) -> evaluation.Evaluation:
+    """Greedy character CTC on ``data`` in its current input mode, overall WER/CER (the one evaluation path)."""
+    return evaluation.evaluate(model, data, None, method="ctc", max_frames=DECODE_FRAMES, group_keys=(),
+                               progress=False, **kwargs)
 
 
-def score(model, data: LayerSet) -> tuple[dict, list[str]]:
-    hyps = transcribe(model, data)
-    return error_rates([r["text"] for r in data.rows], hyps), hyps
+def mean_rates(models: list, data: LayerSet) -> tuple[float, float]:
+    """WER and CER averaged over the seeds' models."""
+    evs = [ctc_eval(m, data) for m in models]
+    return statistics.mean(e.wer for e in evs), statistics.mean(e.cer for e in evs)
 
 
 def _models(p: dict, k: int) -> list:
@@ -71,16 +62,11 @@ def sweep(params: dict) -> dict:
         out["conditions"][cond] = {}
         for k in p["kmeans"]["ks"]:
             c, models = load_centroids(p, k), _models(p, k)
-            dev.use("tokens", c)
-            hard = [score(m, dev)[0] for m in models]
-            hard_wer = statistics.mean(r["wer"] for r in hard)
-            hard_cer = statistics.mean(r["cer"] for r in hard)
+            hard_wer, hard_cer = mean_rates(models, dev.use("tokens", c))
 
             def objective(trial: optuna.Trial) -> tuple[float, dict]:
                 tau = trial.suggest_float("tau", lo, hi, log=True)
-                dev.use("soft", c, tau, sw.get("top_k"))
-                rates = [score(m, dev)[0] for m in models]
-                wer, cer = statistics.mean(r["wer"] for r in rates), statistics.mean(r["cer"] for r in rates)
+                wer, cer = mean_rates(models, dev.use("soft", c, tau, sw.get("top_k")))
                 return {"wer": wer, "cer": cer}[metric], {"wer": wer, "cer": cer, "hard_wer": hard_wer,
                                                           "hard_cer": hard_cer}
 
@@ -133,16 +119,13 @@ def evaluate(params: dict) -> dict:
                     data.use("tokens", c)
                 else:
                     data.use("soft", c, tau, p["sweep"].get("top_k"))
-                rates, h = score(model, data)
                 label = "continuous" if k is None else f"K={k} hard/{decoding}"
-                hyps[f"{label} s{sysm['seed']}"] = h
                 row = {"system": label, "k": k, "decoding": decoding, "seed": sysm["seed"], "set": cond, "tau": tau,
-                       "wer": rates["wer"], "cer": rates["cer"], "utterances": rates["utterances"]}
-                long.append(row)
-                with tracking.run("soft_tokens_eval", f"{cond}-{sysm['name']}-{decoding}",
-                                  params={n: v for n, v in row.items() if n not in ("wer", "cer")},
-                                  tags={"model_kind": "downstream_ctc"}):
-                    mlflow.log_metrics({"wer": rates["wer"], "cer": rates["cer"]})
+                       "utterances": len(data)}
+                ev = ctc_eval(model, data, experiment="soft_tokens_eval", run_name=f"{cond}-{sysm['name']}-{decoding}",
+                              params=row, tags={"model_kind": "downstream_ctc"})
+                hyps[f"{label} s{sysm['seed']}"] = [r["hyp"] for r in ev.rows]
+                long.append({**row, "wer": ev.wer, "cer": ev.cer})
         write_hypotheses(res / "hyps" / f"{cond}.tsv", [dict(zip(hyps, vals)) for vals in zip(*hyps.values())])
     table = summarise(pd.DataFrame(long))
     table.to_csv(res / "table.csv", index=False)

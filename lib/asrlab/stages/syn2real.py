@@ -25,19 +25,17 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import torch
 import transformers
 
-from asrlab import sweep, tracking
+from asrlab import evaluation, sweep, tracking
 from asrlab.audio.features import FeatureStore
-from asrlab.decode import transcribe
-from asrlab.evaluation import error_rates, flat_metrics, score, write_hypotheses
 from asrlab.io import item_seed, stable_hash, write_json, write_jsonl
 from asrlab.methods.task_vectors import TaskVector
 from asrlab.models import store
-from asrlab.tokenizer import load_tokenizer
 from asrlab.training.data import SpeechData, select
 from asrlab.training.trainer import TrainConfig, train
 
@@ -113,22 +111,22 @@ def plan(p: dict, scenarios: list[str], sizes: dict[str, int] | None = None) -> 
 
 # -- shared plumbing ----------------------------------------------------------------------------------------
 class Context:
-    """What every stage reads: tokenizer, feature store, base model, and a cache of selected data."""
+    """What every stage reads: the base model's tokenizer, feature store, base model, and a cache of selected data."""
 
     def __init__(self, params: dict):
         self.params, self.p = params, params["syn2real"]
         torch.set_num_threads(int(os.environ.get("ASRLAB_THREADS", os.cpu_count() or 1)))
         transformers.utils.logging.disable_progress_bar()  # dozens of model loads: keep the log readable
-        self.tok = load_tokenizer(params["tokenizer"]["out_dir"])
+        self.base_path = Path(self.p["base"])
+        self.tok = store.tokenizer(self.base_path)  # every fine-tune keeps the vocabulary of the model it adapts
         self.fs = FeatureStore(params["features"]["out_dir"])
         self.rows = [r for r in self.fs.rows.values() if r["corpus"] == "slurp"]
         self.scenarios = sorted({r["scenario"] for r in self.rows})
-        self.base_path = Path(self.p["base"])
         self.models_dir = Path(self.p["models_dir"])
         self._data: dict = {}
+        # the base folder's hash covers the tokenizer files it carries
         self.inputs_hash = stable_hash(tracking.file_hash(self.base_path),
-                                       tracking.file_hash(Path(self.fs.dir) / "index.jsonl"),
-                                       tracking.file_hash(params["tokenizer"]["out_dir"]), n=12)
+                                       tracking.file_hash(Path(self.fs.dir) / "index.jsonl"), n=12)
 
     def data(self, pools, scenarios, split: str, model, char_targets: bool = False) -> SpeechData:
         key = (tuple(pools), tuple(scenarios), split, char_targets)
@@ -174,7 +172,7 @@ def finetune(params: dict) -> dict:
             result = train(model, data.lengths, data.collate, cfg, ckpt, desc=run.name,
                            on_log=lambda step, m: mlflow.log_metrics(m, step=step))
             out = ctx.models_dir / run.name
-            store.save(model, "aed", out)
+            store.save(model, "aed", out, tok=ctx.tok)
             # what the weights are, not how the run got there (a resumed run writes the same file)
             write_json(out / "run.json", {**asdict(run), "utterances": len(data),
                                           **{k: v for k, v in result.items() if k != "resumed_from"}})
@@ -234,9 +232,60 @@ def _cosine(a: TaskVector, b: TaskVector) -> float:
 
 
 # -- stage 3: λ sweeps and test evaluation ------------------------------------------------------------------
-def _decode_score(model, data: SpeechData, tok, method: str) -> tuple[dict, list[str]]:
-    hyps = transcribe(model, data, tok, method=method, progress=False)
-    return error_rates([r["text"] for r in data.rows], hyps), hyps
+def targets(ctx: Context) -> Iterator[tuple[int, str, str]]:
+    """(seed, source set, target) of every evaluation, in the order the stage and the sweep workers go."""
+    for seed in ctx.p["seeds"]:
+        for src, (_, ts) in source_sets(ctx.p, ctx.scenarios).items():
+            for target in ts:
+                yield seed, src, target
+
+
+@dataclass(frozen=True)
+class LambdaSweep:
+    """The Optuna study of λ for one seed, target and task vector, on the target's real dev speech. Its name
+    keys everything its trials depend on (a new baseline or τ is a new study), so that ``syn2real_evaluate``
+    and every sweep worker (:mod:`asrlab.workers`) meet on one study."""
+    name: str
+    label: str                 # "<target>-s<seed>-<kind>": what ``asrlab sweep --only`` matches
+    target: str
+    kind: str                  # "single" or "avg"
+    vector: Path
+    baseline: str              # the run whose weights λ·τ is added to
+    kwargs: dict = field(hash=False, compare=False)  # the rest of sweep.run_study's arguments
+
+
+def lambda_sweeps(ctx: Context, seed: int, src: str, target: str) -> list[LambdaSweep]:
+    """The λ sweeps of one target: one per task vector of the source set (single, and the groups' mean)."""
+    p, sw = ctx.p, ctx.p["sweep"]
+    baseline = f"s{seed}/{target}/baseline"
+    baseline_md5 = tracking.file_hash(ctx.models_dir / baseline)
+    out = []
+    for kind, path in vector_files(p, ctx.scenarios)[f"s{source_seed(p, seed)}/{src}"].items():
+        key = stable_hash(ctx.inputs_hash, tracking.file_hash(path), baseline_md5, sw, n=10)
+        label = f"{target}-s{seed}-{kind}"
+        out.append(LambdaSweep(
+            f"syn2real-{label}-{key}", label, target, kind, path, baseline, dict(
+                experiment="syn2real_sweep", run_prefix=label, seed=item_seed(sw["sampler_seed"], seed, target, kind),
+                startup_trials=sw["startup_trials"], enqueue=[{"lambda": v} for v in sw["enqueue"]],
+                tags={"study": "syn2real", "seed": str(seed), "target": target, "vector": kind, "split": "dev"})))
+    return out
+
+
+def lambda_objective(ctx: Context, model, keep: dict, tau: TaskVector, dev: SpeechData,
+                     trial_seconds: list[float] | None = None) -> sweep.Objective:
+    """One trial: the weights set to keep + λ·τ in memory (no retraining, no reloading), then dev decoded and
+    scored; ``sweep.metric`` is minimised. ``trial_seconds`` collects each trial's wall time."""
+    sw = ctx.p["sweep"]
+
+    def objective(trial):
+        t0 = time.time()
+        tau.apply_to(model, trial.suggest_float("lambda", *sw["lambda_range"]), base=keep)
+        rates = evaluation.evaluate(model, dev, ctx.tok, method=sw["decoding"], group_keys=(),
+                                    progress=False).scores["overall"]
+        if trial_seconds is not None:
+            trial_seconds.append(time.time() - t0)
+        return rates[sw["metric"]], {"dev_wer": rates["wer"], "dev_cer": rates["cer"]}
+    return objective
 
 
 def evaluate(params: dict) -> dict:
@@ -245,84 +294,57 @@ def evaluate(params: dict) -> dict:
     results_dir = Path(p["results_dir"])
     records, trials, costs = [], [], {"trial_seconds": [], "plain_eval_seconds": []}
     base = ctx.load("base")
-    sets = source_sets(p, ctx.scenarios)
-    vfiles = vector_files(p, ctx.scenarios)
 
     def test_eval(model, system: str, seed: int, target: str, data: SpeechData, lam: float | None = None,
                   run_name: str | None = None) -> None:
         for method in p["decoding"]:
-            rates, hyps = _decode_score(model, data, ctx.tok, method)
-            rows = [{"id": r["id"], "scenario": r["scenario"], "speaker": r["speaker"], "ref": r["text"], "hyp": h}
-                    for r, h in zip(data.rows, hyps)]
-            hyp_path = results_dir / "hyps" / f"s{seed}-{target}-{system}-{method}.tsv"
-            write_hypotheses(hyp_path, rows)
-            rec = {"seed": seed, "target": target, "system": system, "decoding": method, "lambda": lam,
-                   "wer": rates["wer"], "cer": rates["cer"], "utterances": rates["utterances"]}
-            with tracking.run("syn2real", f"{target}-s{seed}-{system}-{method}",
-                              params={"lambda": lam, "model": run_name or system},
-                              tags={"study": "syn2real", "seed": str(seed), "target": target, "system": system,
-                                    "decoding": method, "split": "test"}):
-                mlflow.log_metrics(flat_metrics(score(rows, group_keys=("speaker",))))
-                mlflow.log_artifact(str(hyp_path))
-            records.append(rec)
+            ev = evaluation.evaluate(
+                model, data, ctx.tok, method=method, group_keys=("speaker",), progress=False,
+                hyps_path=results_dir / "hyps" / f"s{seed}-{target}-{system}-{method}.tsv",
+                experiment="syn2real", run_name=f"{target}-s{seed}-{system}-{method}",
+                params={"lambda": lam, "model": run_name or system},
+                tags={"study": "syn2real", "seed": str(seed), "target": target, "system": system,
+                      "decoding": method, "split": "test"})
+            records.append({"seed": seed, "target": target, "system": system, "decoding": method, "lambda": lam,
+                            "wer": ev.wer, "cer": ev.cer, "utterances": ev.scores["overall"]["utterances"]})
             print(f"[syn2real_evaluate] s{seed} {target:>10} {system:<13} {method:<9} "
-                  f"WER {rates['wer']:6.2f} CER {rates['cer']:6.2f}" + (f"  λ={lam:.3f}" if lam is not None else ""))
+                  f"WER {ev.wer:6.2f} CER {ev.cer:6.2f}" + (f"  λ={lam:.3f}" if lam is not None else ""))
 
-    for seed in p["seeds"]:
-        for src, (_, targets) in sets.items():
-            src_seed = source_seed(p, seed)
-            source_real = ctx.load(f"s{src_seed}/{src}/source_real")
-            for target in targets:
-                dev = ctx.data([p["real_pool"]], [target], "dev", base)
-                test = ctx.data([p["real_pool"]], [target], "test", base)
-                if seed == p["seeds"][0]:  # the base model does not depend on the seed
-                    test_eval(base, "base", seed, target, test)
-                if seed == src_seed:
-                    test_eval(source_real, "source_real", seed, target, test, run_name=f"s{seed}/{src}/source_real")
-                if (ctx.models_dir / f"s{seed}/{target}/oracle").is_dir():
-                    test_eval(ctx.load(f"s{seed}/{target}/oracle"), "oracle", seed, target, test,
-                              run_name=f"s{seed}/{target}/oracle")
-                model = ctx.load(f"s{seed}/{target}/baseline")
-                baseline_md5 = tracking.file_hash(ctx.models_dir / f"s{seed}/{target}/baseline")
-                keep = {k: v.clone() for k, v in model.state_dict().items()}
-                test_eval(model, "baseline", seed, target, test, lam=0.0, run_name=f"s{seed}/{target}/baseline")
-                t0 = time.time()  # the plain evaluation pass the trial cost is compared with
-                _decode_score(model, dev, ctx.tok, sw["decoding"])
-                costs["plain_eval_seconds"].append(time.time() - t0)
-                for kind, path in vfiles[f"s{src_seed}/{src}"].items():
-                    tau = TaskVector.load(path)
-                    system = "syn2real" if kind == "single" else "syn2real_avg"
-
-                    def objective(trial, tau=tau):
-                        t1 = time.time()
-                        lam = trial.suggest_float("lambda", *sw["lambda_range"])
-                        tau.apply_to(model, lam, base=keep)
-                        rates, _ = _decode_score(model, dev, ctx.tok, sw["decoding"])
-                        costs["trial_seconds"].append(time.time() - t1)
-                        return rates[sw["metric"]], {"dev_wer": rates["wer"], "dev_cer": rates["cer"]}
-
-                    # the study is keyed by everything its trials depend on: a new baseline or τ is a new study
-                    key = stable_hash(ctx.inputs_hash, tracking.file_hash(path), baseline_md5, sw, n=10)
-                    name = f"syn2real-{target}-s{seed}-{kind}-{key}"
-                    study = sweep.run_study(name, objective, sw["trials"], experiment="syn2real_sweep",
-                                            run_prefix=f"{target}-s{seed}-{kind}",
-                                            seed=item_seed(sw["sampler_seed"], seed, target, kind),
-                                            startup_trials=sw["startup_trials"],
-                                            enqueue=[{"lambda": v} for v in sw["enqueue"]], show_progress=False,
-                                            tags={"study": "syn2real", "seed": str(seed), "target": target,
-                                                  "vector": kind, "split": "dev"})
-                    done = sweep.complete_trials(study)
-                    # best dev value; among equals the smallest λ (the least change to the baseline)
-                    best = min(done, key=lambda t: (t.value, t.params["lambda"]))
-                    lam = best.params["lambda"]
-                    trials += [{"seed": seed, "target": target, "vector": kind, "trial": t.number,
-                                "lambda": t.params["lambda"], "dev_wer": t.user_attrs["dev_wer"],
-                                "dev_cer": t.user_attrs["dev_cer"]} for t in done]
-                    tau.apply_to(model, lam, base=keep)
-                    test_eval(model, system, seed, target, test, lam=lam, run_name=str(path))
-                    print(f"[syn2real_evaluate] s{seed} {target} {kind}: λ* = {lam:.3f} "
-                          f"(dev {sw['metric']} {best.value:.2f}, {len(done)} trials, study {name})")
-                model.load_state_dict(keep)
+    for seed, src, target in targets(ctx):
+        src_seed = source_seed(p, seed)
+        dev = ctx.data([p["real_pool"]], [target], "dev", base)
+        test = ctx.data([p["real_pool"]], [target], "test", base)
+        if seed == p["seeds"][0]:  # the base model does not depend on the seed
+            test_eval(base, "base", seed, target, test)
+        if seed == src_seed:
+            test_eval(ctx.load(f"s{seed}/{src}/source_real"), "source_real", seed, target, test,
+                      run_name=f"s{seed}/{src}/source_real")
+        if (ctx.models_dir / f"s{seed}/{target}/oracle").is_dir():
+            test_eval(ctx.load(f"s{seed}/{target}/oracle"), "oracle", seed, target, test,
+                      run_name=f"s{seed}/{target}/oracle")
+        model = ctx.load(f"s{seed}/{target}/baseline")
+        keep = {k: v.clone() for k, v in model.state_dict().items()}
+        test_eval(model, "baseline", seed, target, test, lam=0.0, run_name=f"s{seed}/{target}/baseline")
+        t0 = time.time()  # the plain evaluation pass the trial cost is compared with
+        evaluation.evaluate(model, dev, ctx.tok, method=sw["decoding"], group_keys=(), progress=False)
+        costs["plain_eval_seconds"].append(time.time() - t0)
+        for ls in lambda_sweeps(ctx, seed, src, target):
+            tau = TaskVector.load(ls.vector)
+            study = sweep.run_study(ls.name, lambda_objective(ctx, model, keep, tau, dev, costs["trial_seconds"]),
+                                    sw["trials"], show_progress=False, **ls.kwargs)
+            done = sweep.complete_trials(study)
+            # best dev value; among equals the smallest λ (the least change to the baseline)
+            best = min(done, key=lambda t: (t.value, t.params["lambda"]))
+            lam = best.params["lambda"]
+            trials += [{"seed": seed, "target": target, "vector": ls.kind, "trial": t.number,
+                        "lambda": t.params["lambda"], "dev_wer": t.user_attrs["dev_wer"],
+                        "dev_cer": t.user_attrs["dev_cer"]} for t in done]
+            tau.apply_to(model, lam, base=keep)
+            test_eval(model, "syn2real" if ls.kind == "single" else "syn2real_avg", seed, target, test, lam=lam,
+                      run_name=str(ls.vector))
+            print(f"[syn2real_evaluate] s{seed} {target} {ls.kind}: λ* = {lam:.3f} "
+                  f"(dev {sw['metric']} {best.value:.2f}, {len(done)} trials, study {ls.name})")
+        model.load_state_dict(keep)
     write_jsonl(results_dir / "evaluations.jsonl", records)
     write_jsonl(results_dir / "trials.jsonl", trials)
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
