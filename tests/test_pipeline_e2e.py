@@ -93,18 +93,27 @@ def test_smoke_repro_produces_manifests_features_and_stats(smoke_repo: Path):
 def test_smoke_repro_trains_and_scores_the_base_models(smoke_repo: Path):
     import mlflow
 
-    for stage in ("pretrain_aed", "pretrain_lm", "pretrain_llm_asr"):
+    for stage in ("pretrain_aed", "pretrain_scratch_aed", "pretrain_lm", "pretrain_llm_asr"):
         summary = json.loads((smoke_repo / f"results/base/{stage}.json").read_text())
         assert summary["steps"] == 6 and summary["skipped_steps"] == 0
-    for model in ("base_aed", "base_lm", "base_llm_asr"):
+    for model in ("whisper", "base_aed", "scratch_aed", "base_lm", "base_llm_asr"):
         assert (smoke_repo / "models" / model / "asrlab_model.json").is_file()
+        assert (smoke_repo / "models" / model / "tokenizer.json").is_file()  # a model folder carries its tokenizer
+    imported = json.loads((smoke_repo / "results/base/import_whisper.json").read_text())
+    assert imported["check"]["wer"] <= imported["check"]["max_wer"] and imported["vocab_size"] == 51864
+    states = json.loads((smoke_repo / "results/base/encoder_states.json").read_text())
+    assert states["utterances"] > 0 and states["d_model"] == 64  # the smoke base AED's encoder
+    sets = ("synthetic", "real_proxy", "accents", "speechocean762")
+    expected = ({f"{m}-{s}-{d}" for m in ("aed", "scratch_aed") for s in sets for d in ("attention", "ctc")}
+                | {f"{m}-{s}-attention" for m in ("zero_shot", "llm_asr") for s in sets})
     metrics = json.loads((smoke_repo / "results/base/metrics.json").read_text())
-    expected = {f"aed-{s}-{d}" for s in ("slurp_synthetic", "slurp_real_proxy", "speechocean762")
-                for d in ("attention", "ctc")} | {f"llm_asr-{s}-attention" for s in
-                                                  ("slurp_synthetic", "slurp_real_proxy", "speechocean762")}
     assert set(metrics) == expected
     assert all(m["utterances"] == 8 and m["cer"] >= 0 for m in metrics.values())
-    assert (smoke_repo / "results/base/hyps/aed-slurp_real_proxy-attention.tsv").is_file()
+    headline = json.loads((smoke_repo / "results/base/headline.json").read_text())
+    assert set(headline) == {"zero_shot", "aed", "llm_asr", "scratch_aed"} and set(headline["zero_shot"]) == set(sets)
+    # the real tiny.en, zero-shot on the 30-s window, against tiny models trained for 6 steps
+    assert headline["zero_shot"]["synthetic"]["cer"] < headline["aed"]["synthetic"]["cer"]
+    assert (smoke_repo / "results/base/hyps/aed-real_proxy-attention.tsv").is_file()
     mlflow.set_tracking_uri(f"sqlite:///{smoke_repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["base_eval"])
     assert len(runs) == len(expected) and set(runs["status"]) == {"FINISHED"}

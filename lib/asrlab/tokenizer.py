@@ -94,7 +94,7 @@ WHISPER_START = "<|startoftranscript|>"
 
 def is_whisper(tokenizer) -> bool:
     """A Whisper tokenizer (byte-level BPE whose words carry a leading space)."""
-    return WHISPER_START in tokenizer.get_vocab()
+    return tokenizer.convert_tokens_to_ids(WHISPER_START) not in (None, tokenizer.unk_token_id)
 
 
 def encode(tokenizer, text: str) -> list[int]:

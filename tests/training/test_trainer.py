@@ -121,3 +121,15 @@ def test_rerun_of_a_finished_run_reports_its_last_loss(tmp_path):
     again = train(Reg(), [1] * 32, collate, cfg, tmp_path / "ckpt")
     assert again["resumed_from"] is not None and again["steps"] == 4
     assert again["last_loss"] == pytest.approx(first["last_loss"]) and first["last_loss"] == first["last_loss"]
+
+
+def test_lr_scales_give_a_matching_parameter_its_own_learning_rate():
+    from asrlab.training.trainer import TrainConfig, param_groups
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    groups = param_groups(model, TrainConfig(max_steps=1, lr=1e-4, lr_scales={"1.*": 30.0}))
+    by_param = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert by_param[id(model[1].weight)] == (pytest.approx(3e-3), 0.01)
+    assert by_param[id(model[1].bias)] == (pytest.approx(3e-3), 0.0)
+    assert by_param[id(model[0].bias)] == (pytest.approx(1e-4), 0.0)
+    assert id(model[0].weight) not in by_param  # frozen: in no group

@@ -42,6 +42,7 @@ class TrainConfig:
     max_bad_steps: int = 5            # consecutive non-finite losses before aborting
     freeze: list[str] = field(default_factory=list)     # fnmatch patterns on parameter names
     unfreeze: list[str] = field(default_factory=list)   # applied after freeze
+    lr_scales: dict[str, float] = field(default_factory=dict)  # {fnmatch pattern: lr factor}, e.g. a new head
     specaugment: dict | None = None   # kwargs of batching.spec_augment, or None
     log_every: int = 25
 
@@ -51,6 +52,19 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training parameter(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         return cls(**p)
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups of the trainable parameters: weight decay on matrices only, and the learning rate scaled
+    by the first ``cfg.lr_scales`` pattern a name matches (a freshly initialised head on a pretrained model
+    learns at a higher rate than the weights it sits on). The schedule scales every group alike."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = next((f for pat, f in cfg.lr_scales.items() if fnmatch.fnmatch(name, pat)), 1.0)
+        groups.setdefault((cfg.weight_decay if p.ndim >= 2 else 0.0, scale), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr": cfg.lr * scale} for (wd, scale), ps in groups.items()]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -108,11 +122,8 @@ def train(model: torch.nn.Module, lengths: list[int], collate: Callable[[list[in
     report = apply_freezing(model, cfg.freeze, cfg.unfreeze)
     if rank == 0:
         print(report)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
 
     state = {"epoch": 0, "batch": 0, "bad_in_a_row": 0, "skipped": 0, "last_loss": float("nan")}
