@@ -79,3 +79,24 @@ def test_load_from_file_or_directory_and_missing(tok_path, tmp_path):
 def test_training_is_deterministic(tok):
     again = train_tokenizer(TRAIN, vocab_size=120)
     assert again.get_vocab() == tok.get_vocab()
+
+
+def test_a_model_folder_gives_back_the_project_bpe_unchanged_beside_a_qwen2_config(tmp_path):
+    """AutoTokenizer next to a Qwen2 config.json rebuilds the file as a byte-level Qwen2 tokenizer (other ids,
+    no spaces on decoding); store.tokenizer must return the project BPE exactly as trained."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from asrlab.models import store
+    from asrlab.tokenizer import decode, encode, load_tokenizer, save_tokenizer, train_tokenizer
+
+    save_tokenizer(train_tokenizer(["wake me up at five am", "turn off the lights please"] * 20, 60, 1), tmp_path / "bpe")
+    bpe = load_tokenizer(tmp_path / "bpe")
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(bpe), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=32, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=2))
+    store.save(lm, "lm", tmp_path / "lm", tok=bpe)
+    back = store.tokenizer(tmp_path / "lm")
+    text = "wake me up at five am"
+    assert encode(back, text) == encode(bpe, text)
+    assert decode(back, encode(back, text)) == text
+    assert (back.pad_token_id, back.bos_token_id, back.eos_token_id) == (0, 1, 2)

@@ -28,6 +28,7 @@ from asrlab.models.projector import Projector
 from asrlab.tokenizer import load_tokenizer
 
 META = "asrlab_model.json"
+_GENERIC_TOKENIZERS = {"TokenizersBackend", "PreTrainedTokenizerFast"}  # save_pretrained of a bare tokenizers file
 
 
 def aed_config(p: dict, vocab_size: int) -> AEDConfig:
@@ -51,9 +52,13 @@ def build_llm_asr(cfg: LLMASRConfig, encoder_from: str | None = None) -> LLMASR:
 def tokenizer(path: str | Path):
     """The tokenizer a model folder carries (written by :func:`save`, or by a converted/downloaded Whisper)."""
     path = Path(path)
-    if (path / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(path))
-    if (path / "tokenizer.json").is_file():  # a bare tokenizers file: the project BPE
+    cfg_file = path / "tokenizer_config.json"
+    cls = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
+    if cls is not None and cls not in _GENERIC_TOKENIZERS:
+        return AutoTokenizer.from_pretrained(str(path))  # Whisper's, or a real LM checkpoint's own
+    if (path / "tokenizer.json").is_file():
+        # The project BPE (a bare `tokenizers` file). Not AutoTokenizer: next to a Qwen2 config.json it
+        # rebuilds the file as a Qwen2 byte-level tokenizer, which encodes the same text to other ids.
         return load_tokenizer(path)
     raise FileNotFoundError(f"{path}: the model folder has no tokenizer (tokenizer.json); re-run the stage "
                             "that wrote it")
