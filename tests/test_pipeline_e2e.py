@@ -96,6 +96,9 @@ def test_smoke_repro_trains_and_scores_the_base_models(smoke_repo: Path):
     for stage in ("pretrain_aed", "pretrain_scratch_aed", "pretrain_lm", "pretrain_llm_asr"):
         summary = json.loads((smoke_repo / f"results/base/{stage}.json").read_text())
         assert summary["steps"] == 6 and summary["skipped_steps"] == 0
+        assert 0 < summary["trainable_params"] <= summary["params"]
+    llm = json.loads((smoke_repo / "results/base/pretrain_llm_asr.json").read_text())
+    assert llm["trainable_params"] < llm["params"]  # the cached (frozen) encoder is not counted as trainable
     for model in ("whisper", "base_aed", "scratch_aed", "base_lm", "base_llm_asr"):
         assert (smoke_repo / "models" / model / "asrlab_model.json").is_file()
         assert (smoke_repo / "models" / model / "tokenizer.json").is_file()  # a model folder carries its tokenizer

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from asrlab.text import chars_to_text
 from asrlab.tokenizer import decode
 from asrlab.training.batching import bucket_batches
+from asrlab.training.trainer import autocast, check_precision
 
 # Whisper's log-mel floor is (max - 8) in log10 units, and features are (x + 4) / 4: silence sits at
 # max(features) - 2 of the same utterance (asrlab.audio.features.log_mel).
@@ -40,7 +41,7 @@ def pad_to_window(features: torch.Tensor, lengths: torch.Tensor, width: int) -> 
 @torch.no_grad()
 def transcribe(model: torch.nn.Module, data, tokenizer, max_frames: int = 60000, method: str = "attention",
                max_new_tokens: int = 96, desc: str = "decode", progress: bool = True,
-               window: bool = False) -> list[str]:
+               window: bool = False, precision: str = "fp32") -> list[str]:
     """Hypotheses for every utterance of ``data`` (a :class:`asrlab.training.data.SpeechData`), in order.
 
     Utterances of similar length are batched together (at most ``max_frames`` padded frames a batch; with
@@ -62,10 +63,11 @@ def transcribe(model: torch.nn.Module, data, tokenizer, max_frames: int = 60000,
             feats, lens = batch["features"].to(device), batch["feature_lengths"].to(device)
             if window:
                 feats, lens = pad_to_window(feats, lens, width)
-            if method == "ctc":
-                ids = model.generate_ctc(feats, lens) if hasattr(model, "generate_ctc") else model.generate(feats, lens)
-            else:
-                ids = model.generate(feats, lens, max_new_tokens=max_new_tokens)
+            with autocast(precision, device):
+                if method == "ctc":
+                    ids = model.generate_ctc(feats, lens) if hasattr(model, "generate_ctc") else model.generate(feats, lens)
+                else:
+                    ids = model.generate(feats, lens, max_new_tokens=max_new_tokens)
             chars = method == "ctc" and getattr(model, "ctc_units", "tokens") == "chars"
             for i, seq in zip(idx, ids):
                 hyps[i] = chars_to_text(seq) if chars else decode(tokenizer, seq)

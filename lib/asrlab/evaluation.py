@@ -94,12 +94,14 @@ class Evaluation:
 def evaluate(model, data, tokenizer, *, method: str = "attention", window: bool = False,
              max_frames: int = 60000, max_new_tokens: int = 96, group_keys: tuple[str, ...] = GROUP_KEYS,
              hyps_path: str | Path | None = None, experiment: str | None = None, run_name: str | None = None,
-             params: dict | None = None, tags: dict | None = None, progress: bool = True) -> Evaluation:
+             params: dict | None = None, tags: dict | None = None, progress: bool = True,
+             precision: str = "fp32") -> Evaluation:
     """The one evaluation path: decode ``data`` (:func:`asrlab.decode.transcribe`), score with the one
     normaliser per group, write the hypotheses TSV, and log an MLflow run when ``experiment`` is given.
 
     ``method``: "attention" (greedy, KV cache) or "ctc"; ``window``: pad to the encoder's 30-s window
-    (zero-shot Whisper) instead of per-batch padding (every fine-tuned model).
+    (zero-shot Whisper) instead of per-batch padding (every fine-tuned model); ``precision``: "fp32" or
+    "bf16" (autocast).
     """
     from asrlab import tracking  # mlflow import on first use: scoring alone stays light
     from asrlab.decode import transcribe
@@ -107,14 +109,14 @@ def evaluate(model, data, tokenizer, *, method: str = "attention", window: bool 
 
     t0 = time.time()
     hyps = transcribe(model, data, tokenizer, max_frames=max_frames, method=method, max_new_tokens=max_new_tokens,
-                      desc=run_name or "decode", progress=progress, window=window)
+                      desc=run_name or "decode", progress=progress, window=window, precision=precision)
     seconds = time.time() - t0
     rows = [{**{k: r.get(k) for k in ROW_KEYS if k in r}, "ref": r["text"], "hyp": h} for r, h in zip(data.rows, hyps)]
     result = Evaluation(score(rows, group_keys), rows, seconds)
     if hyps_path is not None:
         write_hypotheses(hyps_path, rows)
     if experiment is not None:
-        run_params = {"decoding": method, "window": window, **(params or {})}
+        run_params = {"decoding": method, "window": window, "precision": precision, **(params or {})}
         with tracking.run(experiment, run_name or experiment, params=run_params, tags=tags):
             mlflow.log_metrics(flat_metrics(result.scores))
             mlflow.log_metric("utt_per_s", len(rows) / max(seconds, 1e-9))

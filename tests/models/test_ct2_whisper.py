@@ -368,3 +368,26 @@ def test_real_tiny_en_converts_and_transcribes_an_espeak_sentence(tiny_en, tmp_p
     words = set(text.lower().strip(" .").split())
     assert len(words & set(SENTENCE.split())) >= 6, text
     assert tokens == ct2_greedy(tiny_en, features, prompt, 30)  # ctranslate2 itself decodes the same
+
+
+@pytest.mark.tts
+def test_real_tiny_en_decodes_the_same_words_under_bf16_autocast(tiny_en, tmp_path):
+    """precision "bf16" (asrlab.training.trainer.autocast) is a speed knob, not a different recogniser."""
+    from asrlab.audio.tts import get_engine
+    from asrlab.models.aed import AEDModel
+    from asrlab.training.trainer import autocast
+
+    out = convert(tiny_en, tmp_path / "tiny.en")
+    model = AEDModel.from_pretrained(out).eval()
+    processor = WhisperProcessor.from_pretrained(out)
+    audio = get_engine("espeak").synthesize(SENTENCE, "en-us")
+    features = processor.feature_extractor(audio, sampling_rate=16_000, return_tensors="pt").input_features
+    lengths = torch.tensor([features.shape[-1]])
+    texts = {}
+    for precision in ("fp32", "bf16"):
+        with autocast(precision):
+            ids = model.generate(features, lengths, max_new_tokens=30)[0]
+        texts[precision] = processor.tokenizer.decode(ids, skip_special_tokens=True).lower().strip(" .")
+    print(texts)
+    assert len(set(texts["fp32"].split()) & set(SENTENCE.split())) >= 6, texts
+    assert texts["bf16"] == texts["fp32"]

@@ -133,3 +133,36 @@ def test_lr_scales_give_a_matching_parameter_its_own_learning_rate():
     assert by_param[id(model[1].bias)] == (pytest.approx(3e-3), 0.0)
     assert by_param[id(model[0].bias)] == (pytest.approx(1e-4), 0.0)
     assert id(model[0].weight) not in by_param  # frozen: in no group
+
+
+def test_bf16_precision_autocasts_the_forward_and_keeps_fp32_weights(tmp_path):
+    from asrlab.training.trainer import TrainConfig, train
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = x @ torch.randn(8, 1)
+    seen = []
+
+    class Reg(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 1)
+
+        def forward(self, idx):
+            out = self.lin(x[idx])
+            seen.append(out.dtype)
+            return {"loss": torch.nn.functional.mse_loss(out.float(), y[idx])}
+
+    model = Reg()
+    cfg = TrainConfig(max_steps=60, lr=0.05, warmup_steps=1, max_frames=16, ckpt_every=60, precision="bf16")
+    before = torch.nn.functional.mse_loss(model.lin(x), y).item()
+    summary = train(model, [1] * 64, lambda idx: {"idx": torch.tensor(idx)}, cfg, tmp_path / "ckpt")
+    assert set(seen) == {torch.bfloat16} and model.lin.weight.dtype == torch.float32
+    assert summary["last_loss"] < before / 4  # it trains
+
+
+def test_unknown_precision_is_refused():
+    from asrlab.training.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        TrainConfig(max_steps=1, precision="fp16")

@@ -43,7 +43,7 @@ def run(params: dict) -> dict:
             for method in spec["decoding"]:
                 name = f"{model_name}-{set_name}-{method}"
                 result = evaluate(model, data, tok, method=method, window=window, max_frames=p["max_frames"],
-                                  max_new_tokens=p["max_new_tokens"], hyps_path=out_dir / "hyps" / f"{name}.tsv",
+                                  max_new_tokens=p["max_new_tokens"], precision=p["precision"], hyps_path=out_dir / "hyps" / f"{name}.tsv",
                                   experiment="base_eval", run_name=name, tags=tags,
                                   params={"model": model_name, "model_path": spec["path"], "test_set": set_name,
                                           "selection": str(sel)})

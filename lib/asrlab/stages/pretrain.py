@@ -82,10 +82,10 @@ def _speech(params: dict, stage: str, tok, max_frames: int, max_tokens: int, cha
     return train_data, dev_data
 
 
-def _dev_eval(model, dev, tok, methods: list[str]) -> dict:
+def _dev_eval(model, dev, tok, methods: list[str], precision: str = "fp32") -> dict:
     out = {}
     for m in methods:
-        result = evaluate(model, dev, tok, method=m, run_name=f"dev ({m})")
+        result = evaluate(model, dev, tok, method=m, run_name=f"dev ({m})", precision=precision)
         out[f"dev_{m}_wer"], out[f"dev_{m}_cer"] = result.wer, result.cer
         out[f"dev_{m}_utt_per_s"] = round(len(dev) / result.seconds, 1)
     return out
@@ -124,7 +124,8 @@ def _aed(params: dict, stage: str) -> dict:
         if not _is_main():
             return summary
         summary.update(train_utterances=len(train_data), train_hours=round(sum(train_data.lengths) / 360000, 2))
-        summary.update(_dev_eval(model, dev, tok, ["attention", "ctc"] if model.ctc_weight > 0 else ["attention"]))
+        methods = ["attention", "ctc"] if model.ctc_weight > 0 else ["attention"]
+        summary.update(_dev_eval(model, dev, tok, methods, p["train"].get("precision", "fp32")))
         return _finish(params, stage, model, "aed", cfg, summary, t0, tok)
 
 
@@ -206,8 +207,10 @@ def pretrain_llm_asr(params: dict) -> dict:
                             _ckpt_dir(params, stage), on_log=_log, desc=stage)
         finally:
             model.encoder = encoder  # the real (frozen) encoder goes back before evaluation and saving
+            if p.get("cache_encoder"):  # the trainer froze the stand-in; the count below must see it frozen
+                encoder.requires_grad_(False)
         if not _is_main():
             return summary
         summary.update(train_utterances=len(train_data))
-        summary.update(_dev_eval(model, dev, tok, ["attention"]))
+        summary.update(_dev_eval(model, dev, tok, ["attention"], p["train"].get("precision", "fp32")))
         return _finish(params, stage, model, "llm_asr", cfg, summary, t0, tok)

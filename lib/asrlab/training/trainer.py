@@ -43,6 +43,7 @@ class TrainConfig:
     freeze: list[str] = field(default_factory=list)     # fnmatch patterns on parameter names
     unfreeze: list[str] = field(default_factory=list)   # applied after freeze
     lr_scales: dict[str, float] = field(default_factory=dict)  # {fnmatch pattern: lr factor}, e.g. a new head
+    precision: str = "fp32"           # "bf16": forward under bfloat16 autocast (fp32 weights, optimizer, loss)
     specaugment: dict | None = None   # kwargs of batching.spec_augment, or None
     log_every: int = 25
 
@@ -52,6 +53,25 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training parameter(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         return cls(**p)
+
+    def __post_init__(self):
+        check_precision(self.precision)
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose one of {list(PRECISIONS)}")
+    return precision
+
+
+def autocast(precision: str, device: torch.device | str = "cpu"):
+    """The forward pass's numerics: fp32, or bfloat16 autocast — matmuls and convolutions in bf16 (AMX on
+    recent x86 CPUs, tensor cores on GPUs), reductions, norms and losses in fp32 by torch's autocast policy."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=check_precision(precision) == "bf16")
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -157,8 +177,10 @@ def train(model: torch.nn.Module, lengths: list[int], collate: Callable[[list[in
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         if cfg.specaugment and "features" in batch:
             spec_augment(batch["features"], batch["feature_lengths"], **cfg.specaugment)
-        out = ddp(**batch)
+        with autocast(cfg.precision, device):
+            out = ddp(**batch)
         loss = out["loss"] if isinstance(out, Mapping) else out.loss
+        loss = loss.float()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         bad = torch.tensor([float(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))])
