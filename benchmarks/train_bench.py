@@ -40,6 +40,11 @@ with the project BPE (``data/tokenizer``). It trains on a seeded subset of the `
    has been trained; from scratch, ``out_dir`` or else the barely trained model of this run, whose decoding
    speed is then not representative: compare ``mean_hyp_words`` with ``mean_ref_words``).
 
+5. the same trainers and decoding again under bfloat16 autocast (``precision: bf16``; ``--no-bf16`` skips it):
+   fresh models on the same batches, ``bf16`` in the JSON with ours bf16 / ours fp32, ours / HF both in bf16
+   (HF's ``bf16=True``), ours bf16 / HF fp32 (HF's default), and MFU against a bf16 matmul peak measured in
+   the same run (AMX on this CPU makes it several times the fp32 peak).
+
 Targets (MFU ≥ 30 %, ≥ 1.5× Seq2SeqTrainer, ≥ 50 utt/s decoding) are recorded next to the measurements with
 whether each was met. The defaults take an estimated 2.5–3.5 minutes on 2 idle cores (step times measured at
 load ≈ 2; 7.8 minutes on the busy development machine). It imports the library of its own checkout
@@ -57,6 +62,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}.
     os.environ.setdefault(_k, _v)
 
 import argparse
+import dataclasses
 import copy
 import statistics
 import sys
@@ -174,8 +180,8 @@ def bench_ours(model: AEDModel, data: SpeechData, cfg: TrainConfig, warmup: int,
     return res, batches
 
 
-def matmul_peak(n: int = 2048, reps: int = 10) -> dict:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int = 2048, reps: int = 10, dtype: torch.dtype = torch.float32) -> dict:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         torch.mm(a, b)
     best = float("inf")
@@ -183,7 +189,7 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> dict:
         t = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t)
-    return {"n": n, "dtype": "float32", "reps": reps, "best_s": round(best, 5),
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "reps": reps, "best_s": round(best, 5),
             "gflops": round(2 * n ** 3 / best / 1e9, 2)}
 
 
@@ -296,6 +302,7 @@ class StepTimes(TrainerCallback):
 
 def bench_hf(model: AEDModel, data: SpeechData, cfg: TrainConfig, batches: list[list[int]], warmup: int,
              steps: int) -> dict:
+    """Seq2SeqTrainer on ``batches``; ``cfg.precision == "bf16"`` sets its ``bf16=True`` (autocast, as ours)."""
     seen: list[list[int]] = []
 
     def collate(items: list[list[int]]) -> dict:
@@ -313,7 +320,7 @@ def bench_hf(model: AEDModel, data: SpeechData, cfg: TrainConfig, batches: list[
             learning_rate=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
             lr_scheduler_type="cosine", max_grad_norm=cfg.grad_clip, seed=cfg.seed,
             dataloader_num_workers=0, remove_unused_columns=False, eval_strategy="no", save_strategy="no",
-            logging_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True)
+            logging_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, bf16=cfg.precision == "bf16")
         trainer = InOrderSeq2SeqTrainer(model=LossOnly(model), args=args, train_dataset=Batches(batches),
                                         data_collator=collate, callbacks=[cb])
         t0 = time.perf_counter()
@@ -369,20 +376,21 @@ def head(data: SpeechData, n: int) -> SpeechData:
     return part
 
 
-def bench_decode(model: AEDModel, data: SpeechData, tok, modes: list[tuple[str, bool]], max_frames: int,
+def bench_decode(model: AEDModel, data: SpeechData, tok, modes: list[tuple[str, bool, str]], max_frames: int,
                  max_new_tokens: int) -> dict:
     mean_ref = round(sum(len(r["text"].split()) for r in data.rows) / len(data), 1)
     out = {}
-    for method, window in modes:
-        name = f"{method}_{'window' if window else 'per_batch'}"
-        kw = dict(method=method, window=window, max_frames=max_frames, max_new_tokens=max_new_tokens, progress=False)
+    for method, window, precision in modes:
+        name = f"{method}_{'window' if window else 'per_batch'}" + ("_bf16" if precision == "bf16" else "")
+        kw = dict(method=method, window=window, max_frames=max_frames, max_new_tokens=max_new_tokens, progress=False,
+                  precision=precision)
         evaluate(model, head(data, 4), tok, **kw)  # warm-up: first calls of this decoding path
         res = evaluate(model, data, tok, **kw)
         hyps = [r["hyp"] for r in res.rows]
         # the batches transcribe() makes: a window batch holds max_frames // window utterances
         lengths = [model.max_frames] * len(data) if window else data.lengths
         n_batches = len(bucket_batches(lengths, max(max_frames, model.max_frames if window else 0), 0, 0))
-        out[name] = {"method": method, "window": window, "utterances": len(hyps), "wall_s": round(res.seconds, 3),
+        out[name] = {"method": method, "window": window, "precision": precision, "utterances": len(hyps), "wall_s": round(res.seconds, 3),
                      "utt_per_s": round(len(hyps) / res.seconds, 2),
                      "audio_s_per_s": round(sum(data.lengths) / FRAMES_PER_SECOND / res.seconds, 1),
                      "wer": res.wer, "cer": res.cer,
@@ -428,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                          "repository); only read")
     ap.add_argument("--out", type=Path, default=ROOT / "results/bench/train.json", help="JSON output path")
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false",
+                    help="skip the bf16-autocast pair of trainers and bf16 decoding (default: run them too)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 1 or args.utterances < 2 or args.decode_utterances < 4:
         ap.error("--steps and --warmup must be >= 1, --utterances >= 2, --decode-utterances >= 4")
@@ -466,6 +476,20 @@ def main(argv: list[str] | None = None) -> int:
     hf_model = build_model(p, root, tok, seed)
     hf = bench_hf(hf_model, data, cfg, batches[: args.warmup + args.steps], args.warmup, args.steps)
     del hf_model
+    bf16 = None
+    if args.bf16:  # both trainers again under bfloat16 autocast, fresh models, the same batches
+        cfg16 = dataclasses.replace(cfg, precision="bf16")
+        ours16, _ = bench_ours(build_model(p, root, tok, seed), data, cfg16, args.warmup, args.steps)
+        hf16 = bench_hf(build_model(p, root, tok, seed), data, cfg16, batches[: args.warmup + args.steps],
+                        args.warmup, args.steps)
+        peak16 = matmul_peak(dtype=torch.bfloat16)
+        base = cfg.precision == "bf16"
+        bf16 = {"ours": ours16, "seq2seqtrainer": hf16, "peak_bf16_mm": peak16,
+                "ours_vs_seq2seq_both_bf16": round(ours16["utt_per_s"] / hf16["utt_per_s"], 3),
+                "ours_bf16_vs_seq2seq_fp32": None if base else round(ours16["utt_per_s"] / hf["utt_per_s"], 3),
+                "ours_bf16_vs_ours_fp32": None if base else round(ours16["utt_per_s"] / ours["utt_per_s"], 3),
+                "mfu_bf16_pct": round(100 * flops["flops"] * ours16["steps_per_s"] / (peak16["gflops"] * 1e9), 2),
+                "loss_note": "last_loss of each trainer: bf16 autocast must train like fp32 (same batches)"}
     peak_after = matmul_peak()
     peak = max(peak_before["gflops"], peak_after["gflops"]) * 1e9
     window_padded = sum(padded(data, b) for b in timed_batches)
@@ -490,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         test = load_data(fs, dec_tok, test_spec, dec_model)
         test_utts = len(test)
         modes = [("attention", True), ("attention", False)] + ([("ctc", False)] if dec_model.ctc_weight > 0 else [])
+        modes = [(m, w, "fp32") for m, w in modes] + ([(m, w, "bf16") for m, w in modes] if args.bf16 else [])
         decode[label] = bench_decode(dec_model, test, dec_tok, modes, ev["max_frames"], ev["max_new_tokens"])
     del model
 
@@ -514,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                  "test_selection": test_spec, "test_utterances": test_utts},
         "train_config": {k: v for k, v in vars(cfg).items() if k not in ("ckpt_every", "log_every")},
         "ours": ours, "seq2seqtrainer": hf,
-        "trainer_vs_seq2seq": round(speedup, 3),
+        "trainer_vs_seq2seq": round(speedup, 3), "bf16": bf16,
         "mfu_pct": mfu_res["mfu_pct"], "mfu": mfu_res, "step_breakdown": breakdown, "batching": batching,
         "decode_settings": {"max_frames": ev["max_frames"], "max_new_tokens": ev["max_new_tokens"],
                             "source": "params.yaml eval_base"},
@@ -543,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<16}{r['mean_batch']:>7.1f}{r['steps_per_s']:>9.2f}{r['utt_per_s']:>8.1f}"
               f"{r['audio_s_per_s']:>11.1f}{r['padding_pct']:>7.1f}{r['step_s_median']:>14.3f}")
     print(f"ours / Seq2SeqTrainer (same batches): {speedup:.2f}x utt/s")
+    if bf16:
+        print(f"bf16 autocast: ours {bf16['ours']['utt_per_s']} utt/s, Seq2SeqTrainer {bf16['seq2seqtrainer']['utt_per_s']}"
+              f" utt/s; ours bf16 / ours fp32 {bf16['ours_bf16_vs_ours_fp32']}x, ours bf16 / HF fp32 "
+              f"{bf16['ours_bf16_vs_seq2seq_fp32']}x; MFU vs the bf16 peak {bf16['mfu_bf16_pct']} %")
     print("step (s): " + ", ".join(f"{k} {v}" for k, v in breakdown.items() if isinstance(v, float)))
     print(f"FLOPs/step {flops['flops'] / 1e9:.1f} G (batch {flops['batch']}, {flops['padded_frames']} padded frames, "
           f"{flops['output_projection_flops_pct']} % in the output projection); peak fp32 mm "

@@ -65,7 +65,7 @@ def tiny_root(root: Path, init_from: bool) -> Path:
 def test_train_bench_writes_every_measurement(tmp_path, monkeypatch, init_from):
     root = tiny_root(tmp_path, init_from)
     peak = train_bench.matmul_peak
-    monkeypatch.setattr(train_bench, "matmul_peak", lambda: peak(n=256, reps=2))
+    monkeypatch.setattr(train_bench, "matmul_peak", lambda **kw: peak(n=256, reps=2, **kw))
     out = tmp_path / "train.json"
     assert train_bench.main(["--root", str(root), "--params", str(root / "params.yaml"), "--out", str(out),
                              "--steps", "2", "--warmup", "1", "--utterances", "20", "--decode-utterances", "6"]) == 0
@@ -77,6 +77,10 @@ def test_train_bench_writes_every_measurement(tmp_path, monkeypatch, init_from):
     assert label == ("models/tiny" if init_from else "trained_here")
     runs = r["decode"][label]
     assert {"attention_window", "attention_per_batch", "ctc_per_batch"} <= set(runs)
+    assert {"attention_window_bf16", "attention_per_batch_bf16", "ctc_per_batch_bf16"} <= set(runs)
+    b = r["bf16"]  # both trainers again under bf16 autocast, on the same batches
+    assert b["ours"]["utterances"] == b["seq2seqtrainer"]["utterances"] == r["ours"]["utterances"]
+    assert b["ours_bf16_vs_ours_fp32"] > 0 and b["peak_bf16_mm"]["dtype"] == "bfloat16"
     assert all(0 <= d["wer"] and d["utterances"] == 6 for d in runs.values())
     assert r["step_breakdown"]["adamw_torch_fused"] > 0
     assert set(r["decode_per_batch_vs_window"]) == {label}
