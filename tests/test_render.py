@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import yaml
 from datahelpers import prepared_rows, write_prepared
 
 from asrlab.audio import tts
@@ -146,8 +147,8 @@ def test_one_bad_utterance_lands_in_rejects(make_params, monkeypatch, workers):
 
 
 # The neural pool as params.yaml declares it (Piper from PyPI: no Debian engine needed, so no tts marker)
-NEURAL = {"engine": "piper", "voices": ["en_US-joe-medium"], "rate": [145, 195], "pitch": [50, 50],
-          "noise_scale": [0.5, 0.8], "noise_w": [0.6, 1.0], "channel": None}
+NEURAL = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["render"]["pools"][
+    "synthetic_neural"]
 
 
 def test_render_neural_pool_seeded_cached_and_featurised(make_params, tmp_path):
