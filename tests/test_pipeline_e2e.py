@@ -75,16 +75,17 @@ def test_smoke_repro_produces_manifests_features_and_stats(smoke_repo: Path):
 
     render = json.loads((smoke_repo / "results/data/render.json").read_text())
     assert render["rejects"] == 0
-    assert set(render["sets"]) == {"slurp", "general"}
+    assert set(render["sets"]) == {"slurp", "general", "neural_source", "neural_target", "neural_target_eval"}
     pools = {k.split("/")[0] for k in render["sets"]["slurp"]}
     assert pools == {"synthetic", "real_proxy", "accents"}
-    assert render["utterances"] == 60 * 3 + 40 * 2
+    assert set(render["sets"]["neural_target_eval"]) <= {"synthetic_neural/dev", "synthetic_neural/test"}
+    assert render["utterances"] == 60 * 3 + 40 * 2 + 6 + 6 + 4
 
     feats = json.loads((smoke_repo / "results/data/features.json").read_text())
     assert feats["utterances"] == render["utterances"] + 40  # + speechocean762
     assert feats["rejects"] == 0
     index = [json.loads(line) for line in (smoke_repo / "data/features/index.jsonl").read_text().splitlines()]
-    assert {r["pool"] for r in index} == {"synthetic", "real_proxy", "accents", "speechocean762"}
+    assert {r["pool"] for r in index} == {"synthetic", "real_proxy", "accents", "synthetic_neural", "speechocean762"}
     for r in index:
         assert r["frames"] > 0 and (smoke_repo / "data/features" / r["shard"]).is_file()
         assert {"id", "text", "split", "corpus", "speaker", "accent"} <= set(r)

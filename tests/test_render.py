@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import yaml
 from datahelpers import prepared_rows, write_prepared
 
 from asrlab.audio import tts
-from asrlab.audio.tts import SynthesisError
-from asrlab.io import read_jsonl
-from asrlab.stages import render
+from asrlab.audio.tts import EngineUnavailable, SynthesisError
+from asrlab.io import read_jsonl, stable_hash
+from asrlab.stages import features, render
+from ci_policy import skip_or_fail
 
 TEXTS = ["wake me up at six", "turn the lights off", "what is the weather", "play some jazz"]
 
@@ -144,6 +146,76 @@ def test_one_bad_utterance_lands_in_rejects(make_params, monkeypatch, workers):
     assert again["rejects"] == 0 and again["utterances"] == 4 and again["cache_hits"] == 3
 
 
+# The neural pool as params.yaml declares it (Piper from PyPI: no Debian engine needed, so no tts marker)
+NEURAL = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["render"]["pools"][
+    "synthetic_neural"]
+
+
+def test_render_neural_pool_seeded_cached_and_featurised(make_params, tmp_path):
+    try:
+        tts.get_engine("piper").check(NEURAL["voices"])
+    except EngineUnavailable as e:
+        skip_or_fail(str(e))
+    runs = {}
+    for workers in (2, 1):
+        params = make_params(render__workers=workers)
+        d = tmp_path / f"w{workers}"
+        params["prepare"]["out_dir"] = str(d / "prepared")
+        params["render"].update(out_dir=str(d / "manifests"), cache_dir=str(d / "audio"), stats=str(d / "render.json"),
+                                pools={"synthetic_neural": NEURAL},
+                                sets={"neural": {"source": "slurp", "pools": ["synthetic_neural"]}})
+        params["features"]["out_dir"] = str(d / "features")
+        write_prepared(params, prepared_rows(TEXTS[:3]))
+        stats = render.run(params)
+        assert stats["utterances"] == 3 and stats["rejects"] == 0 and stats["cache_hits"] == 0
+        runs[workers] = manifest(params, "neural")
+    rows = runs[2]
+    assert set(rows) == {f"u{i:03d}@synthetic_neural" for i in range(3)}
+    for r in rows.values():
+        assert r["engine"] == "piper" and r["voice"] in NEURAL["voices"]
+        for key, value in (("rate", r["rate"]), ("pitch", r["pitch"]), ("noise_scale", r["tts"]["noise_scale"]),
+                           ("noise_w", r["tts"]["noise_w"])):
+            assert NEURAL[key][0] <= value <= NEURAL[key][1], key
+        assert isinstance(r["tts"]["seed"], int)
+        info = sf.info(r["audio"])
+        assert info.samplerate == 16_000 and info.channels == 1 and 0.5 < r["duration"] < 4
+    assert len({r["tts"]["seed"] for r in rows.values()}) == 3  # each utterance its own noise
+    # two workers or one: the same draws, the same content addresses and the same samples
+    for uid, r in rows.items():
+        r1 = runs[1][uid]
+        assert {k: v for k, v in r.items() if k != "audio"} == {k: v for k, v in r1.items() if k != "audio"}
+        assert Path(r["audio"]).name == Path(r1["audio"]).name
+        assert np.array_equal(sf.read(r["audio"])[0], sf.read(r1["audio"])[0])
+    again = render.run(params)
+    assert again["cache_hits"] == 3
+    index = features.run(params)  # the features stage reads every manifest: the new pool comes along
+    assert index["per_pool_split"] == {"synthetic_neural/train": {"utterances": 3, "hours": index["audio_hours"]}}
+
+
+def test_plan_draws_engine_options_and_a_seed_only_for_the_engine_that_takes_them(tmp_path):
+    rows = prepared_rows([f"sentence number {i}" for i in range(40)])
+    neural = [render.plan(r, "n", NEURAL, render.pool_voices("n", NEURAL), 1234, tmp_path) for r in rows]
+    assert all(set(x["tts"]) == {"noise_scale", "noise_w", "seed"} for x in neural)
+    assert len({x["tts"]["noise_scale"] for x in neural}) > 30 and len({x["tts"]["seed"] for x in neural}) == 40
+    other = render.plan(rows[0], "n", {**NEURAL, "noise_w": None}, render.pool_voices("n", NEURAL), 1234, tmp_path)
+    assert set(other["tts"]) == {"noise_scale", "seed"} and other["audio"] != neural[0]["audio"]
+    # espeak/MBROLA pools: no options, and the cache address of before (their rendered audio stays valid)
+    x = render.plan(rows[0], "p", POOL, render.pool_voices("p", POOL), 1234, tmp_path)
+    assert "tts" not in x
+    key = stable_hash("espeak", x["voice"], x["text"], x["rate"], x["pitch"], POOL["channel"], x["channel_seed"],
+                      16_000, n=20)
+    assert Path(x["audio"]).stem == key
+
+
+def test_check_pool_rejects_options_the_engine_does_not_take():
+    with pytest.raises(ValueError, match=r"render\.pools\.s\.noise_scale: engine 'espeak' has no option"):
+        render.check_pool("s", {**POOL, "noise_scale": [0.5, 0.8]})
+    with pytest.raises(ValueError, match=r"render\.pools\.n\.noise_w: expected a range"):
+        render.check_pool("n", {**NEURAL, "noise_w": 0.8})
+    render.check_pool("n", NEURAL)
+    render.check_pool("n", {**NEURAL, "noise_scale": None})  # null: the voice's own value
+
+
 # ------------------------------------------------------------------------------------------ planning only
 
 
@@ -195,6 +267,10 @@ def test_select_filters_and_samples_deterministically():
     assert len(render.select(rows, {}, heldout, 1, "x")) == 80
     ex = render.select(rows, {"exclude_heldout": True}, heldout, 1, "x")
     assert {r["scenario"] for r in ex} == {"alarm", "iot"} and len(ex) == 40
+    held = render.select(rows, {"only_heldout": True, "splits": ["train"]}, heldout, 1, "x")
+    assert {(r["scenario"], r["split"]) for r in held} == {("music", "train"), ("weather", "train")}
+    with pytest.raises(ValueError, match="exclude each other"):
+        render.select(rows, {"only_heldout": True, "exclude_heldout": True}, heldout, 1, "x")
     only = render.select(rows, {"scenarios": ["music"], "splits": ["dev"]}, heldout, 1, "x")
     assert {(r["scenario"], r["split"]) for r in only} == {("music", "dev")} and len(only) == 10
     s1 = render.select(rows, {"max_utterances": 15}, heldout, 1, "x")

@@ -1,9 +1,10 @@
 """Stage `render`: speech for manifests in the voice pools declared in params.
 
 Each *set* names a text source (``slurp`` sentences or tagged ``lm`` sentences) and the pools to render it
-in; each *pool* names an engine, its voices (or accent domains of voices), speaking-rate and pitch ranges
-and an optional channel. Every utterance's voice, rate, pitch and channel seed are drawn from a seed derived
-from (seed, pool, utterance id), so the result does not depend on worker order or on which other
+in; each *pool* names an engine, its voices (or accent domains of voices), speaking-rate and pitch ranges,
+ranges for the engine's own options (Piper: ``noise_scale``, ``noise_w``) and an optional channel. Every
+utterance's voice, rate, pitch, options, channel seed and (stochastic engine) synthesis seed are drawn from a
+seed derived from (seed, pool, utterance id), so the result does not depend on worker order or on which other
 utterances are rendered. Audio lands in a content-addressed cache keyed by everything that shapes it, so
 re-runs and new manifests reuse it. A failing utterance goes to the rejects list, never kills the run.
 
@@ -23,7 +24,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from asrlab.audio import channel as channel_mod
-from asrlab.audio.tts import SAMPLE_RATE, EngineUnavailable, SynthesisError, get_engine
+from asrlab.audio.tts import ENGINES, SAMPLE_RATE, EngineUnavailable, SynthesisError, get_engine
 from asrlab.data.slurp import check_scenarios
 from asrlab.io import atomic_path, item_seed, read_jsonl, stable_hash, write_json, write_jsonl
 
@@ -45,14 +46,36 @@ def plan(row: dict, pool_name: str, pool: dict, voices: dict[str, str], seed: in
     pitch = rng.randint(*pool["pitch"])
     ch = pool.get("channel")
     ch_seed = rng.getrandbits(31) if ch else None
-    key = stable_hash(pool["engine"], voice, row["text"], rate, pitch, ch, ch_seed, SAMPLE_RATE, n=20)
+    # drawn after the draws above, and keyed only when present: pools of deterministic engines keep their
+    # voices, rates and cache addresses
+    engine = ENGINES.get(pool["engine"])
+    tts = {k: round(rng.uniform(*pool[k]), 4) for k in getattr(engine, "options", ()) if pool.get(k)}
+    if getattr(engine, "stochastic", False):
+        tts["seed"] = rng.getrandbits(31)
+    key = stable_hash(pool["engine"], voice, row["text"], rate, pitch, ch, ch_seed, SAMPLE_RATE,
+                      *([tts] if tts else []), n=20)
     return {
         "id": f"{row['id']}@{pool_name}", "text": row["text"], "scenario": row.get("scenario"),
         "accent": voices[voice], "split": row["split"], "corpus": row["corpus"], "pool": pool_name,
         "speaker": voice, "engine": pool["engine"], "voice": voice, "rate": rate, "pitch": pitch,
-        "channel_seed": ch_seed, "audio": str(cache_dir / key[:2] / f"{key}.flac"),
+        "channel_seed": ch_seed, **({"tts": tts} if tts else {}), "audio": str(cache_dir / key[:2] / f"{key}.flac"),
         "_channel": ch,
     }
+
+
+def check_pool(name: str, pool: dict) -> None:
+    """Options a pool gives must be ones its engine takes, as [low, high] ranges."""
+    engine = ENGINES.get(pool["engine"])
+    if engine is None:
+        get_engine(pool["engine"])  # raises, naming the known engines
+    for k in sorted({o for e in ENGINES.values() for o in e.options}):
+        if pool.get(k) is not None and k not in engine.options:
+            raise ValueError(f"render.pools.{name}.{k}: engine {pool['engine']!r} has no option {k!r} "
+                             f"(it takes {list(engine.options) or 'none'})")
+    for k in engine.options:
+        r = pool.get(k)
+        if r is not None and not (isinstance(r, list) and len(r) == 2 and 0 <= r[0] <= r[1]):
+            raise ValueError(f"render.pools.{name}.{k}: expected a range [low, high] with 0 <= low <= high, got {r!r}")
 
 
 def synthesize(job: dict) -> tuple[dict | None, dict | None, bool]:
@@ -69,7 +92,8 @@ def synthesize(job: dict) -> tuple[dict | None, dict | None, bool]:
                 return row, None, True
             except sf.LibsndfileError:  # a damaged cache entry is rendered again, not rejected for ever
                 path.unlink()
-        audio = get_engine(row["engine"]).synthesize(row["text"], row["voice"], row["rate"], row["pitch"])
+        audio = get_engine(row["engine"]).synthesize(row["text"], row["voice"], row["rate"], row["pitch"],
+                                                     **row.get("tts", {}))
         if cfg is not None:
             audio, _ = channel_mod.apply(audio, cfg, row["channel_seed"], SAMPLE_RATE)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,8 +114,12 @@ def select(rows: list[dict], spec: dict, heldout: list[str], seed: int, name: st
     if spec.get("scenarios"):
         check_scenarios(spec["scenarios"], f"render.sets.{name}.scenarios")
         rows = [r for r in rows if r.get("scenario") in spec["scenarios"]]
+    if spec.get("exclude_heldout") and spec.get("only_heldout"):
+        raise ValueError(f"render.sets.{name}: exclude_heldout and only_heldout exclude each other")
     if spec.get("exclude_heldout"):
         rows = [r for r in rows if r.get("scenario") not in set(heldout)]
+    if spec.get("only_heldout"):
+        rows = [r for r in rows if r.get("scenario") in set(heldout)]
     n = spec.get("max_utterances")
     if n is not None and len(rows) > n:
         rows = random.Random(f"{seed}/{name}").sample(rows, n)
@@ -108,6 +136,8 @@ def run(params: dict) -> dict:
     sources = {"slurp": prepared / "slurp.jsonl", "lm": prepared / "lm.jsonl"}
 
     pools = p["pools"]
+    for name, pool in pools.items():
+        check_pool(name, pool)
     voices = {name: pool_voices(name, pool) for name, pool in pools.items()}
     jobs_by_set: dict[str, list[dict]] = {}
     for set_name, spec in p["sets"].items():
