@@ -44,7 +44,11 @@ from asrlab.training.trainer import TrainConfig, distributed, train
 def _ckpt_dir(params: dict, stage: str) -> Path:
     """Checkpoints are keyed by the stage's params and its inputs, so a changed config never resumes a stale run."""
     p = params[stage]
-    inputs = [tracking.file_hash(params["tokenizer"]["out_dir"]), tracking.file_hash(Path(params["features"]["out_dir"]) / "index.jsonl")]
+    inputs = [tracking.file_hash(params["tokenizer"]["out_dir"])]
+    if stage == "pretrain_lm":  # text only: the LM never reads the feature store (dvc.yaml does not order it after)
+        inputs += [tracking.file_hash(Path(params["prepare"]["out_dir"]) / f"{name}.jsonl") for name in p["text"]]
+    else:
+        inputs.append(tracking.file_hash(Path(params["features"]["out_dir"]) / "index.jsonl"))
     inputs += [tracking.file_hash(p[k]) for k in ("init_from", "encoder_from", "lm_from") if p.get(k)]
     if p.get("cache_encoder"):
         inputs.append(tracking.file_hash(Path(params["encoder_states"]["out_dir"]) / "index.jsonl"))
