@@ -100,6 +100,9 @@ def test_smoke_repro_trains_and_scores_the_base_models(smoke_repo: Path):
         assert 0 < summary["trainable_params"] <= summary["params"]
     llm = json.loads((smoke_repo / "results/base/pretrain_llm_asr.json").read_text())
     assert llm["trainable_params"] < llm["params"]  # the cached (frozen) encoder is not counted as trainable
+    # dev_every 3 of 6 steps: one decode mid-training (real encoder swapped back in), one at the end
+    assert [point[0] for point in llm["dev_curve"]] == [3, 6]
+    assert llm["dev_curve"][-1][1:] == [llm["dev_attention_wer"], llm["dev_attention_cer"]]
     for model in ("whisper", "base_aed", "scratch_aed", "base_lm", "base_llm_asr"):
         assert (smoke_repo / "models" / model / "asrlab_model.json").is_file()
         assert (smoke_repo / "models" / model / "tokenizer.json").is_file()  # a model folder carries its tokenizer

@@ -95,6 +95,25 @@ def _dev_eval(model, dev, tok, methods: list[str], precision: str = "fp32") -> d
     return out
 
 
+def _dev_curve(p: dict, model, dev, tok, method: str, curve: list, swap=None):
+    """An ``on_step`` callback: every ``p["dev_every"]`` steps (0: never) decode ``dev`` and log its WER/CER.
+
+    ``swap`` is a context manager factory that puts the real encoder back for the decode (cached-state training).
+    The points also go into ``curve`` as ``[step, wer, cer]``: the stage's metrics file keeps the curve.
+    """
+    every = int(p.get("dev_every", 0))
+    precision = p["train"].get("precision", "fp32")
+
+    def on_step(step: int) -> None:
+        if not every or step % every or step >= p["train"]["max_steps"] or not _is_main():
+            return  # the final step's decode is the stage's own dev evaluation
+        with swap() if swap else contextlib.nullcontext():
+            r = evaluate(model, dev, tok, method=method, precision=precision, progress=False)
+        curve.append([step, r.wer, r.cer])
+        _log(step, {f"dev_{method}_wer": r.wer, f"dev_{method}_cer": r.cer})
+    return on_step
+
+
 def _finish(params: dict, stage: str, model, kind: str, config, summary: dict, t0: float, tok) -> dict:
     p = params[stage]
     store.save(model, kind, p["out_dir"], config, tok=tok)
@@ -123,13 +142,16 @@ def _aed(params: dict, stage: str) -> dict:
     train_data, dev = _speech(params, stage, tok, model.max_frames, max_tokens, char_targets=model.ctc_units == "chars")
     with _tracked(stage, {**p["train"], "init_from": p.get("init_from"), **{f"model.{k}": v for k, v in m.items()}},
                   {"model_kind": "aed"}):
+        curve = []
         summary = train(model, train_data.lengths, train_data.collate, TrainConfig.from_params(p["train"]),
-                        _ckpt_dir(params, stage), on_log=_log, desc=stage)
+                        _ckpt_dir(params, stage), on_log=_log, desc=stage,
+                        on_step=_dev_curve(p, model, dev, tok, "attention", curve))
         if not _is_main():
             return summary
         summary.update(train_utterances=len(train_data), train_hours=round(sum(train_data.lengths) / 360000, 2))
         methods = ["attention", "ctc"] if model.ctc_weight > 0 else ["attention"]
         summary.update(_dev_eval(model, dev, tok, methods, p["train"].get("precision", "fp32")))
+        summary["dev_curve"] = curve + [[summary["steps"], summary["dev_attention_wer"], summary["dev_attention_cer"]]]
         return _finish(params, stage, model, "aed", cfg, summary, t0, tok)
 
 
@@ -206,9 +228,20 @@ def pretrain_llm_asr(params: dict) -> dict:
     with _tracked(stage, {**p["train"], "encoder_from": p.get("encoder_from"), "lm_from": p.get("lm_from"),
                           "cache_encoder": bool(p.get("cache_encoder")), "lora": json.dumps(p["model"].get("lora"))},
                   {"model_kind": "llm_asr"}):
+        stand_in = model.encoder
+
+        @contextlib.contextmanager
+        def real_encoder():
+            model.encoder = encoder
+            try:
+                yield
+            finally:
+                model.encoder = stand_in
+        curve = []
         try:
             summary = train(model, train_data.lengths, train_data.collate, TrainConfig.from_params(p["train"]),
-                            _ckpt_dir(params, stage), on_log=_log, desc=stage)
+                            _ckpt_dir(params, stage), on_log=_log, desc=stage,
+                            on_step=_dev_curve(p, model, dev, tok, "attention", curve, real_encoder))
         finally:
             model.encoder = encoder  # the real (frozen) encoder goes back before evaluation and saving
             if p.get("cache_encoder"):  # the trainer froze the stand-in; the count below must see it frozen
@@ -217,4 +250,5 @@ def pretrain_llm_asr(params: dict) -> dict:
             return summary
         summary.update(train_utterances=len(train_data))
         summary.update(_dev_eval(model, dev, tok, ["attention"], p["train"].get("precision", "fp32")))
+        summary["dev_curve"] = curve + [[summary["steps"], summary["dev_attention_wer"], summary["dev_attention_cer"]]]
         return _finish(params, stage, model, "llm_asr", cfg, summary, t0, tok)
