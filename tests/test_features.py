@@ -145,3 +145,17 @@ def test_an_unexpected_error_on_one_utterance_becomes_a_reject(manifests, monkey
     assert stats["rejects"] >= 1 and stats["utterances"] == len(rows) - stats["rejects"]
     rejects = [json.loads(line) for line in (Path(params["features"]["out_dir"]) / "rejects.jsonl").read_text().splitlines()]
     assert any("MemoryError('boom')" in r["reason"] for r in rejects)
+
+
+@pytest.mark.parametrize("typo, near", [("shard_sise", "shard_size"), ("worker", "workers")])
+def test_misspelt_key_is_an_error_and_keeps_the_old_store(manifests, typo, near):
+    params, _ = manifests
+    features.run(params)
+    out = Path(params["features"]["out_dir"])
+    before = sorted(p.name for p in out.iterdir())
+    right = near
+    params["features"][typo] = params["features"].pop(right)
+    with pytest.raises(KeyError, match=f"unknown key `{typo}` in section `features`; did you mean `{near}`"):
+        features.run(params)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert len(FeatureStore(out)) == 5

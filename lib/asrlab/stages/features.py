@@ -22,6 +22,9 @@ from tqdm import tqdm
 from asrlab.audio.features import log_mel
 from asrlab.audio.io import BadAudio, load_audio
 from asrlab.io import atomic_path, read_jsonl, write_json, write_jsonl
+from asrlab.params import check_keys
+
+KEYS = {"out_dir": str, "stats": str, "n_mels": int, "n_fft": int, "hop": int, "shard_size": int, "workers": int}
 
 _CFG: dict = {}
 
@@ -46,7 +49,7 @@ def extract(row: dict):
 
 
 def run(params: dict) -> dict:
-    p = params["features"]
+    p = check_keys(params["features"], "features", KEYS)  # before any old output is removed
     t0 = time.time()
     manifests = Path(params["render"]["out_dir"])
     out = Path(p["out_dir"])

@@ -1,0 +1,35 @@
+"""params.yaml handling: one YAML loader (numbers as DVC reads them) and the key check of a section."""
+
+from __future__ import annotations
+
+import pytest
+
+from asrlab.params import check_keys, load_params
+
+
+def test_numbers_parse_as_dvc_parses_them(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("a: {lr: 2e-3, big: 1E+5, neg: -3e-4, f: 1.5, i: 7, s: '2e-3', v: 1.0.0, inf: .inf}\n")
+    a = load_params(f)["a"]
+    assert a["lr"] == 2e-3 and isinstance(a["lr"], float)
+    assert a["big"] == 1e5 and a["neg"] == -3e-4 and a["f"] == 1.5
+    assert a["i"] == 7 and isinstance(a["i"], int)
+    assert a["s"] == "2e-3" and a["v"] == "1.0.0" and a["inf"] == float("inf")
+
+
+def test_bad_yaml_names_line_and_column(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("features:\n  out_dir: data/features\n  hop: [160\n")
+    with pytest.raises(ValueError, match=r"params.yaml:\d+:\d+: invalid YAML"):
+        load_params(f)
+
+
+def test_check_keys():
+    keys = {"out_dir": str, "lr": float, "steps": int}
+    check_keys({"out_dir": "x", "lr": 1, "steps": 3}, "s", keys)
+    with pytest.raises(KeyError, match="unknown key `stpes` in section `s`; did you mean `steps`"):
+        check_keys({"out_dir": "x", "lr": 1e-3, "stpes": 3}, "s", keys)
+    with pytest.raises(KeyError, match="section `s` is missing the required key `steps`"):
+        check_keys({"out_dir": "x", "lr": 1e-3}, "s", keys)
+    with pytest.raises(ValueError, match=r"`s.lr` is '2e-3' \(str\); expected float"):
+        check_keys({"out_dir": "x", "lr": "2e-3", "steps": 3}, "s", keys)
