@@ -33,3 +33,17 @@ def test_check_keys():
         check_keys({"out_dir": "x", "lr": 1e-3}, "s", keys)
     with pytest.raises(ValueError, match=r"`s.lr` is '2e-3' \(str\); expected float"):
         check_keys({"out_dir": "x", "lr": "2e-3", "steps": 3}, "s", keys)
+
+
+@pytest.mark.parametrize("stage, key", [("pretrain_aed", "init_from"), ("pretrain_llm_asr", "encoder_from"),
+                                        ("pretrain_llm_asr", "lm_from")])
+def test_missing_pretrained_folder_names_the_param(tmp_path, stage, key):
+    from asrlab.stages import pretrain
+
+    out = tmp_path / "models" / "old"
+    out.mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"previous")
+    params = {stage: {key: str(tmp_path / "nowhere"), "out_dir": str(out)}}
+    with pytest.raises(FileNotFoundError, match=rf"`{stage}.{key}` in params.yaml is .*nowhere.*not a folder"):
+        getattr(pretrain, stage)(params)
+    assert (out / "model.safetensors").read_bytes() == b"previous"
