@@ -293,3 +293,11 @@ def test_damaged_cache_entry_is_rendered_again_and_counted(make_params, size):
     again = render.run(params)
     assert again["cache_damaged"] == 1 and again["cache_hits"] == 1 and again["rejects"] == 0
     assert victim.read_bytes() == good and manifest(params) == rows
+
+
+def test_accent_voice_without_en_is_an_error():
+    pool = {"engine": "mbrola", "domains": {"germanic": ["mb-de2-en", "mb-de5"]}, "rate": [145, 195], "pitch": [35, 65]}
+    with pytest.raises(ValueError, match=r"render.pools.accents.domains.germanic: MBROLA voice 'mb-de5' .*mb-de5-en"):
+        render.check_pool("accents", pool)
+    pool["domains"]["germanic"] = ["mb-de2-en"]
+    render.check_pool("accents", pool)

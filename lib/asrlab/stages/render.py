@@ -68,6 +68,12 @@ def check_pool(name: str, pool: dict) -> None:
     engine = ENGINES.get(pool["engine"])
     if engine is None:
         get_engine(pool["engine"])  # raises, naming the known engines
+    if pool["engine"] == "mbrola" and pool.get("domains"):  # accent domains: other languages' voices reading English
+        for domain, vs in pool["domains"].items():
+            for v in vs:
+                if not v.endswith("-en"):
+                    raise ValueError(f"render.pools.{name}.domains.{domain}: MBROLA voice {v!r} is not an English "
+                                     f"reader (espeak-ng's voice for it ends in -en, e.g. {v}-en); use the -en voice")
     for k in sorted({o for e in ENGINES.values() for o in e.options}):
         if pool.get(k) is not None and k not in engine.options:
             raise ValueError(f"render.pools.{name}.{k}: engine {pool['engine']!r} has no option {k!r} "
