@@ -47,3 +47,17 @@ def test_missing_pretrained_folder_names_the_param(tmp_path, stage, key):
     with pytest.raises(FileNotFoundError, match=rf"`{stage}.{key}` in params.yaml is .*nowhere.*not a folder"):
         getattr(pretrain, stage)(params)
     assert (out / "model.safetensors").read_bytes() == b"previous"
+
+
+def test_threads_env_override_then_param_then_free_cores(monkeypatch):
+    import os
+
+    from asrlab.params import threads
+
+    monkeypatch.setenv("ASRLAB_THREADS", "1")
+    assert threads(4) == 1
+    monkeypatch.delenv("ASRLAB_THREADS")
+    assert threads(3) == 3
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert threads() == 1

@@ -78,3 +78,20 @@ def check_keys(section_params: dict, name: str, required: dict, optional: dict |
             raise ValueError(f"params.yaml: `{name}.{key}` is {value!r} ({type(value).__name__}); "
                              f"expected {getattr(kind, '__name__', kind)}")
     return section_params
+
+
+def threads(requested: int | None = None) -> int:
+    """Torch threads for a stage: ``ASRLAB_THREADS`` if set (tests, CI), else ``requested``, else the free cores
+    (cores minus the 1-minute load): threads beyond the free cores spin against a busy process (issue 18:
+    0.19 -> 4 s per step beside one other job on 2 cores)."""
+    import os
+
+    if os.environ.get("ASRLAB_THREADS"):
+        return max(1, int(os.environ["ASRLAB_THREADS"]))
+    if requested:
+        return int(requested)
+    cores = os.cpu_count() or 1
+    free = max(1, cores - round(os.getloadavg()[0]))
+    if free < cores:
+        print(f"[asrlab] {cores - free} of {cores} cores busy: {free} torch thread(s)")
+    return free

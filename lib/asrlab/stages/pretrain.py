@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
-import os
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import mlflow
 import torch
 
 from asrlab import tracking
+from asrlab.params import threads
 from asrlab.audio.features import FeatureStore
 from asrlab.evaluation import evaluate
 from asrlab.io import read_jsonl, stable_hash, write_json
@@ -68,7 +68,7 @@ def _check_model_folders(p: dict, stage: str) -> None:
 def _setup(p: dict, stage: str) -> None:
     """Threads, and the seed *before* any model is built, so random initialisation is reproducible."""
     _check_model_folders(p, stage)
-    torch.set_num_threads(int(os.environ.get("ASRLAB_THREADS", os.cpu_count() or 1)))
+    torch.set_num_threads(threads())
     torch.manual_seed(p["train"].get("seed", 0))
 
 
