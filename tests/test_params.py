@@ -61,3 +61,16 @@ def test_threads_env_override_then_param_then_free_cores(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.0, 0.0))
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert threads() == 1
+
+
+def test_prepare_misspelt_nested_key_names_section_and_nearest(make_params):
+    from pathlib import Path
+
+    from asrlab.stages import prepare
+
+    params = make_params()
+    params["prepare"]["speechocean"]["max_per_splt"] = params["prepare"]["speechocean"].pop("max_per_split")
+    with pytest.raises(KeyError, match="unknown key `max_per_splt` in section `prepare.speechocean`; did you mean "
+                                       "`max_per_split`"):
+        prepare.run(params)
+    assert not Path(params["prepare"]["out_dir"]).exists()  # nothing written
