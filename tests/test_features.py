@@ -102,7 +102,7 @@ def test_rerun_rewrites_shards(manifests):
     assert len(FeatureStore(out)) == 5
 
 
-def test_failed_rerun_leaves_no_index_pointing_at_deleted_shards(manifests, monkeypatch):
+def test_failed_rerun_leaves_the_previous_store_whole(manifests, monkeypatch):
     params, _ = manifests
     features.run(params)
     out = Path(params["features"]["out_dir"])
@@ -113,9 +113,9 @@ def test_failed_rerun_leaves_no_index_pointing_at_deleted_shards(manifests, monk
     monkeypatch.setattr(features, "save_file", broken)  # the stage dies while writing shards
     with pytest.raises(RuntimeError, match="killed mid-run"):
         features.run(params)
-    # either no index (stage must rerun) or an index whose shards all exist: never a dangling one
-    with pytest.raises(FileNotFoundError, match="no feature index"):
-        FeatureStore(out)
+    # the new store is written aside and swapped in only when complete: the old one is untouched
+    assert len(FeatureStore(out)) == 5
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 
 
 def test_duplicate_ids_across_manifests(manifests):
@@ -145,3 +145,17 @@ def test_an_unexpected_error_on_one_utterance_becomes_a_reject(manifests, monkey
     assert stats["rejects"] >= 1 and stats["utterances"] == len(rows) - stats["rejects"]
     rejects = [json.loads(line) for line in (Path(params["features"]["out_dir"]) / "rejects.jsonl").read_text().splitlines()]
     assert any("MemoryError('boom')" in r["reason"] for r in rejects)
+
+
+@pytest.mark.parametrize("typo, near", [("shard_sise", "shard_size"), ("worker", "workers")])
+def test_misspelt_key_is_an_error_and_keeps_the_old_store(manifests, typo, near):
+    params, _ = manifests
+    features.run(params)
+    out = Path(params["features"]["out_dir"])
+    before = sorted(p.name for p in out.iterdir())
+    right = near
+    params["features"][typo] = params["features"].pop(right)
+    with pytest.raises(KeyError, match=f"unknown key `{typo}` in section `features`; did you mean `{near}`"):
+        features.run(params)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert len(FeatureStore(out)) == 5

@@ -278,3 +278,26 @@ def test_select_filters_and_samples_deterministically():
     assert [r["id"] for r in s1] == [r["id"] for r in render.select(rows, {"max_utterances": 15}, heldout, 1, "x")]
     assert [r["id"] for r in s1] != [r["id"] for r in render.select(rows, {"max_utterances": 15}, heldout, 2, "x")]
     assert [r["id"] for r in s1] != [r["id"] for r in render.select(rows, {"max_utterances": 15}, heldout, 1, "y")]
+
+
+@pytest.mark.parametrize("size", [0, 100])
+def test_damaged_cache_entry_is_rendered_again_and_counted(make_params, size):
+    params = make_params(render__workers=1)
+    params["render"]["sets"] = {"slurp": {"source": "slurp", "pools": ["synthetic"]}}
+    write_prepared(params, prepared_rows(TEXTS[:2]))
+    render.run(params)
+    rows = manifest(params)
+    victim = Path(sorted(rows.values(), key=lambda r: r["id"])[0]["audio"])
+    good = victim.read_bytes()
+    victim.write_bytes(good[:size])  # 100 bytes: the FLAC header survives, so sf.info alone passes it
+    again = render.run(params)
+    assert again["cache_damaged"] == 1 and again["cache_hits"] == 1 and again["rejects"] == 0
+    assert victim.read_bytes() == good and manifest(params) == rows
+
+
+def test_accent_voice_without_en_is_an_error():
+    pool = {"engine": "mbrola", "domains": {"germanic": ["mb-de2-en", "mb-de5"]}, "rate": [145, 195], "pitch": [35, 65]}
+    with pytest.raises(ValueError, match=r"render.pools.accents.domains.germanic: MBROLA voice 'mb-de5' .*mb-de5-en"):
+        render.check_pool("accents", pool)
+    pool["domains"]["germanic"] = ["mb-de2-en"]
+    render.check_pool("accents", pool)

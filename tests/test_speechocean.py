@@ -128,8 +128,9 @@ def test_missing_list_file_is_a_clear_error(tmp_path, name):
 
 
 def test_missing_root_names_the_param(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"prepare\.speechocean\.dir"):
+    with pytest.raises(FileNotFoundError, match=r"prepare\.speechocean\.dir") as e:
         load_speechocean(tmp_path / "nowhere", [])
+    assert "train/ and test/" in str(e.value) and "null to skip" not in str(e.value)  # null breaks dvc.yaml deps
 
 
 def test_malformed_list_line(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from asrlab import workers
-from asrlab.params import deep_merge, load_params
+from asrlab.params import deep_merge, load_params, load_yaml
 
 STAGES = {  # command -> (module, function)
     "prepare": ("prepare", "run"), "render": ("render", "run"), "features": ("features", "run"),
@@ -43,7 +43,7 @@ def _profile(args) -> None:
     if not override.is_file():
         known = sorted(p.stem for p in Path(args.profiles_dir).glob("*.yaml"))
         raise SystemExit(f"asrlab: no profile {args.name!r} in {args.profiles_dir} (known: {known})")
-    merged = deep_merge(load_params(args.params), yaml.safe_load(override.read_text()) or {})
+    merged = deep_merge(load_params(args.params), load_yaml(override))
     Path(args.out or args.params).write_text(yaml.safe_dump(merged, sort_keys=False))
     print(f"wrote {args.out or args.params} = {args.params} + {override}")
 

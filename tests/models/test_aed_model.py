@@ -198,3 +198,9 @@ def test_a_model_folder_carries_the_tokenizer_it_was_saved_with(tmp_path):
     assert encode(again, "Wake me up at FIVE!") == encode(tok, "Wake me up at FIVE!")
     assert (again.pad_token_id, again.bos_token_id, again.eos_token_id) == (0, 1, 2)
     assert store.load(tmp_path / "model")[0] == "aed"
+    old = os.umask(0o022)
+    try:  # group- and world-readable model files (issue 18), whatever the writers' own modes
+        store.save(model, "aed", tmp_path / "readable", tok=tok)
+    finally:
+        os.umask(old)
+    assert {oct(f.stat().st_mode & 0o777) for f in (tmp_path / "readable").rglob("*") if f.is_file()} == {"0o644"}

@@ -166,3 +166,26 @@ def test_unknown_precision_is_refused():
 
     with pytest.raises(ValueError, match="precision 'fp16'"):
         TrainConfig(max_steps=1, precision="fp16")
+
+
+def test_truncated_checkpoint_names_the_step_folder_to_delete(tmp_path):
+    from asrlab.training.trainer import TrainConfig, train
+
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+
+    class Reg(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, idx):
+            return {"loss": torch.nn.functional.mse_loss(self.lin(x[idx]), y[idx])}
+
+    cfg = TrainConfig(max_steps=4, warmup_steps=1, max_frames=8, ckpt_every=2, log_every=1)
+    collate = lambda idx: {"idx": torch.tensor(idx)}  # noqa: E731
+    train(Reg(), [1] * 32, collate, cfg, tmp_path / "ckpt")
+    step = tmp_path / "ckpt" / (tmp_path / "ckpt" / "latest").read_text().strip()
+    model_file = step / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match=rf"{step}: damaged checkpoint .*delete that folder \(rm -r {step}\)"):
+        train(Reg(), [1] * 32, collate, cfg, tmp_path / "ckpt")

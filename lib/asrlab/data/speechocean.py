@@ -41,7 +41,8 @@ def load_speechocean(root: str | Path, rejects: list[dict], max_per_split: int |
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"speechocean762 not found at {root.resolve()}: set `prepare.speechocean.dir` "
-                                "in params.yaml (or null to skip it)")
+                                "in params.yaml to the folder that holds its train/ and test/ Kaldi lists "
+                                "(dvc.yaml depends on both, so it cannot be null)")
     rows = []
     for folder, split in SPLITS.items():
         d = root / folder

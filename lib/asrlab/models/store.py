@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -85,6 +86,15 @@ def save(model: torch.nn.Module, kind: str, path: str | Path, config=None, tok=N
     else:
         raise ValueError(f"unknown model kind {kind!r}")
     (path / META).write_text(json.dumps(meta, indent=2, default=list))
+    _readable(path)
+
+
+def _readable(path: Path) -> None:
+    """Files 0644 and folders 0755 unless the umask says otherwise (some writers leave temporary files' 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in [path, *path.rglob("*")]:
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 def load(path: str | Path) -> tuple[str, torch.nn.Module]:

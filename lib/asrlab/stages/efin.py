@@ -20,7 +20,6 @@ skips done evaluations.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 import transformers
 
 from asrlab import evaluation, tracking
+from asrlab.params import threads
 from asrlab.audio.features import FeatureStore
 from asrlab.io import read_jsonl, stable_hash, write_json, write_jsonl
 from asrlab.methods.efin import EFINModel, Fit, FlopCounter, Stage, Strategy, fit_scaling_law, parse_strategies
@@ -49,7 +49,7 @@ class Study:
 
     def __init__(self, params: dict):
         self.params, self.p = params, params["efin"]
-        torch.set_num_threads(int(os.environ.get("ASRLAB_THREADS", os.cpu_count() or 1)))
+        torch.set_num_threads(threads())
         transformers.utils.logging.disable_progress_bar()
         self.strategies = parse_strategies(self.p)
         steps = list(self.p["budget_steps"])

@@ -9,7 +9,6 @@ and :class:`asrlab.training.data.SpeechData` read them unchanged and training sk
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from asrlab.params import threads
 from asrlab.audio.features import FeatureStore
 from asrlab.io import write_json, write_jsonl
 from asrlab.models.batch import pad_features
@@ -36,7 +36,7 @@ def selections(params: dict, rows: list[dict]) -> list[dict]:
 
 def run(params: dict) -> dict:
     p, t0 = params["encoder_states"], time.time()
-    torch.set_num_threads(int(os.environ.get("ASRLAB_THREADS", os.cpu_count() or 1)))
+    torch.set_num_threads(threads())
     src = params["pretrain_llm_asr"]["encoder_from"]
     if not src:
         raise ValueError("pretrain_llm_asr.encoder_from is null: there is no pretrained encoder to cache")

@@ -11,12 +11,12 @@ the hypotheses TSV. ``results/base/metrics.json`` gathers the numbers, ``table.m
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from asrlab import tracking
+from asrlab.params import threads
 from asrlab.audio.features import FeatureStore
 from asrlab.evaluation import evaluate
 from asrlab.io import write_json, write_text
@@ -26,7 +26,7 @@ from asrlab.training.data import SpeechData, select
 
 def run(params: dict) -> dict:
     p = params["eval_base"]
-    torch.set_num_threads(int(os.environ.get("ASRLAB_THREADS", os.cpu_count() or 1)))
+    torch.set_num_threads(threads())
     fs = FeatureStore(params["features"]["out_dir"])
     rows = list(fs.rows.values())
     out_dir = Path(p["out_dir"])

@@ -21,7 +21,10 @@ from tqdm import tqdm
 
 from asrlab.audio.features import log_mel
 from asrlab.audio.io import BadAudio, load_audio
-from asrlab.io import atomic_path, read_jsonl, write_json, write_jsonl
+from asrlab.io import atomic_dir, atomic_path, read_jsonl, write_json, write_jsonl
+from asrlab.params import check_keys
+
+KEYS = {"out_dir": str, "stats": str, "n_mels": int, "n_fft": int, "hop": int, "shard_size": int, "workers": int}
 
 _CFG: dict = {}
 
@@ -46,17 +49,12 @@ def extract(row: dict):
 
 
 def run(params: dict) -> dict:
-    p = params["features"]
+    p = check_keys(params["features"], "features", KEYS)  # before any old output is removed
     t0 = time.time()
     manifests = Path(params["render"]["out_dir"])
-    out = Path(p["out_dir"])
     if not manifests.is_dir():
         raise FileNotFoundError(f"{manifests.resolve()}: no manifests; run `dvc repro render` first or set "
                                 "`render.out_dir` in params.yaml")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "index.jsonl").unlink(missing_ok=True)  # no index may point at shards that are about to go
-    for old in out.glob("shard-*.safetensors"):  # a rerun rewrites every shard
-        old.unlink()
     rows = [r for m in sorted(manifests.glob("*.jsonl")) if m.name != "rejects.jsonl" for r in read_jsonl(m)]
     seen = set()
     for r in rows:
@@ -64,7 +62,12 @@ def run(params: dict) -> dict:
             raise ValueError(f"utterance id {r['id']!r} appears in more than one manifest under {manifests}")
         seen.add(r["id"])
     cfg = {k: p[k] for k in ("n_mels", "n_fft", "hop")}
+    with atomic_dir(p["out_dir"]) as out:  # the old store stays whole until the new one is complete
+        index, rejects, warned, n_shards = _extract_all(rows, cfg, p, out)
+    return _report(p, index, rejects, warned, n_shards, t0)
 
+
+def _extract_all(rows: list[dict], cfg: dict, p: dict, out: Path):
     index, rejects, warned = [], [], []
     shard: dict[str, torch.Tensor] = {}
     n_shards = 0
@@ -97,7 +100,10 @@ def run(params: dict) -> dict:
     flush()
     write_jsonl(out / "rejects.jsonl", rejects + warned)
     write_jsonl(out / "index.jsonl", index)  # last: its presence means the shards are complete
+    return index, rejects, warned, n_shards
 
+
+def _report(p: dict, index: list, rejects: list, warned: list, n_shards: int, t0: float) -> dict:
     agg: dict = defaultdict(lambda: {"utterances": 0, "hours": 0.0})
     for r in index:
         a = agg[f"{r['pool']}/{r['split']}"]

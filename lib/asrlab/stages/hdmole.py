@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 
 from asrlab import evaluation, sweep, tracking
+from asrlab.params import threads
 from asrlab.audio.features import FeatureStore
 from asrlab.evaluation import Evaluation, error_rates, flat_metrics
 from asrlab.io import item_seed, stable_hash, write_json, write_jsonl
@@ -110,7 +110,7 @@ class CachedSet:
 class Context:
     def __init__(self, params: dict):
         self.params, self.p = params, params["hdmole"]
-        torch.set_num_threads(int(os.environ.get("ASRLAB_THREADS", os.cpu_count() or 1)))
+        torch.set_num_threads(threads())
         transformers.utils.logging.disable_progress_bar()
         self.tok = store.tokenizer(self.p["base"])  # the LLM-ASR's own vocabulary: its LM's embeddings
         self.domains = list(self.p["domains"])

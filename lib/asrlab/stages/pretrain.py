@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
-import os
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import mlflow
 import torch
 
 from asrlab import tracking
+from asrlab.params import threads
 from asrlab.audio.features import FeatureStore
 from asrlab.evaluation import evaluate
 from asrlab.io import read_jsonl, stable_hash, write_json
@@ -55,9 +55,20 @@ def _ckpt_dir(params: dict, stage: str) -> Path:
     return Path(params.get("checkpoints_dir", "checkpoints")) / stage / stable_hash(p, inputs, n=12)
 
 
-def _setup(p: dict) -> None:
+def _check_model_folders(p: dict, stage: str) -> None:
+    """A pretrained model named in params must be a local folder: say which param, before any work."""
+    for key in ("init_from", "encoder_from", "lm_from"):
+        if p.get(key) and not Path(p[key]).is_dir():
+            raise FileNotFoundError(
+                f"`{stage}.{key}` in params.yaml is {p[key]!r}, which is not a folder ({Path(p[key]).resolve()}): "
+                f"run the stage that writes it (`dvc repro` it), point `{key}` at a local model folder, "
+                "or set it to null")
+
+
+def _setup(p: dict, stage: str) -> None:
     """Threads, and the seed *before* any model is built, so random initialisation is reproducible."""
-    torch.set_num_threads(int(os.environ.get("ASRLAB_THREADS", os.cpu_count() or 1)))
+    _check_model_folders(p, stage)
+    torch.set_num_threads(threads())
     torch.manual_seed(p["train"].get("seed", 0))
 
 
@@ -128,7 +139,7 @@ def _finish(params: dict, stage: str, model, kind: str, config, summary: dict, t
 
 def _aed(params: dict, stage: str) -> dict:
     p, t0 = params[stage], time.time()
-    _setup(p)
+    _setup(p, stage)
     m = p["model"]
     if p.get("init_from"):  # a pretrained Whisper with its own tokenizer, prompt and special ids
         tok = store.tokenizer(p["init_from"])
@@ -185,7 +196,7 @@ class CausalLMObjective(torch.nn.Module):
 
 def pretrain_lm(params: dict) -> dict:
     stage, p, t0 = "pretrain_lm", params["pretrain_lm"], time.time()
-    _setup(p)
+    _setup(p, stage)
     tok = load_tokenizer(params["tokenizer"]["out_dir"])
     heldout = set(params.get("heldout_scenarios", []))
     prepared = Path(params["prepare"]["out_dir"])
@@ -212,7 +223,7 @@ def pretrain_lm(params: dict) -> dict:
 
 def pretrain_llm_asr(params: dict) -> dict:
     stage, p, t0 = "pretrain_llm_asr", params["pretrain_llm_asr"], time.time()
-    _setup(p)
+    _setup(p, stage)
     tok = store.tokenizer(p["lm_from"]) if p.get("lm_from") else load_tokenizer(params["tokenizer"]["out_dir"])
     cfg = store.llm_asr_config(p["model"], len(tok), lm_path=p.get("lm_from"))
     model = store.build_llm_asr(cfg, encoder_from=p.get("encoder_from"))

@@ -68,6 +68,12 @@ def check_pool(name: str, pool: dict) -> None:
     engine = ENGINES.get(pool["engine"])
     if engine is None:
         get_engine(pool["engine"])  # raises, naming the known engines
+    if pool["engine"] == "mbrola" and pool.get("domains"):  # accent domains: other languages' voices reading English
+        for domain, vs in pool["domains"].items():
+            for v in vs:
+                if not v.endswith("-en"):
+                    raise ValueError(f"render.pools.{name}.domains.{domain}: MBROLA voice {v!r} is not an English "
+                                     f"reader (espeak-ng's voice for it ends in -en, e.g. {v}-en); use the -en voice")
     for k in sorted({o for e in ENGINES.values() for o in e.options}):
         if pool.get(k) is not None and k not in engine.options:
             raise ValueError(f"render.pools.{name}.{k}: engine {pool['engine']!r} has no option {k!r} "
@@ -78,20 +84,26 @@ def check_pool(name: str, pool: dict) -> None:
             raise ValueError(f"render.pools.{name}.{k}: expected a range [low, high] with 0 <= low <= high, got {r!r}")
 
 
-def synthesize(job: dict) -> tuple[dict | None, dict | None, bool]:
-    """Render one planned utterance into the cache (a worker's task). Returns (row, reject, cache_hit)."""
+def synthesize(job: dict) -> tuple[dict | None, dict | None, str]:
+    """Render one planned utterance into the cache (a worker's task). Returns (row, reject, cache) with
+    cache one of "hit", "miss" or "damaged" (an entry that did not decode in full, rendered again)."""
     row = {k: v for k, v in job.items() if not k.startswith("_")}
     path = Path(row["audio"])
     cfg = channel_mod.ChannelConfig.from_params(job["_channel"]) if job["_channel"] else None
     if cfg is not None:
         row["channel"] = channel_mod.draw(cfg, row["channel_seed"])
+    cache = "miss"
     try:
         if path.is_file():
-            try:
-                row["duration"] = round(sf.info(path).duration, 3)
-                return row, None, True
-            except sf.LibsndfileError:  # a damaged cache entry is rendered again, not rejected for ever
+            try:  # a full decode: a truncated FLAC can have a valid header (sf.info alone passes it)
+                audio, sr = sf.read(path, dtype="float32")
+                if len(audio) == 0 or sr != SAMPLE_RATE:
+                    raise ValueError(f"{path}: empty or not {SAMPLE_RATE} Hz")
+                row["duration"] = round(len(audio) / sr, 3)
+                return row, None, "hit"
+            except (sf.LibsndfileError, RuntimeError, ValueError):  # damaged: render again, never reject for ever
                 path.unlink()
+                cache = "damaged"
         audio = get_engine(row["engine"]).synthesize(row["text"], row["voice"], row["rate"], row["pitch"],
                                                      **row.get("tts", {}))
         if cfg is not None:
@@ -100,12 +112,12 @@ def synthesize(job: dict) -> tuple[dict | None, dict | None, bool]:
         with atomic_path(path) as tmp:
             sf.write(tmp, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
         row["duration"] = round(len(audio) / SAMPLE_RATE, 3)
-        return row, None, False
+        return row, None, cache
     except EngineUnavailable:
         raise  # checked before rendering; if it happens now, every utterance would fail: stop
     except Exception as e:  # noqa: BLE001 - one bad utterance must not kill a long render
         reason = str(e) if isinstance(e, (SynthesisError, sf.LibsndfileError, ValueError, OSError)) else repr(e)
-        return None, {"id": row["id"], "voice": row["voice"], "text": row["text"], "reason": reason}, False
+        return None, {"id": row["id"], "voice": row["voice"], "text": row["text"], "reason": reason}, cache
 
 
 def select(rows: list[dict], spec: dict, heldout: list[str], seed: int, name: str) -> list[dict]:
@@ -158,17 +170,19 @@ def run(params: dict) -> dict:
     jobs = [j for js in jobs_by_set.values() for j in js]
     results: dict[str, dict] = {}
     rejects: list[dict] = []
-    hits = 0
+    hits = damaged = 0
     with get_context("fork").Pool(p["workers"]) if p["workers"] > 1 else _Serial() as pool:
         it = pool.imap_unordered(synthesize, jobs, chunksize=8)
-        for row, reject, hit in tqdm(it, total=len(jobs), desc="render", unit="utt", mininterval=2):
-            hits += hit
+        for row, reject, cache in tqdm(it, total=len(jobs), desc="render", unit="utt", mininterval=2):
+            hits += cache == "hit"
+            damaged += cache == "damaged"
             if row is not None:
                 results[row["id"]] = row
             else:
                 rejects.append(reject)
 
-    stats: dict = {"sets": {}, "rejects": len(rejects), "utterances": len(results), "cache_hits": hits}
+    stats: dict = {"sets": {}, "rejects": len(rejects), "utterances": len(results), "cache_hits": hits,
+                   "cache_damaged": damaged}
     synth_seconds = 0.0
     for set_name, js in jobs_by_set.items():
         rows = [results[j["id"]] for j in js if j["id"] in results]

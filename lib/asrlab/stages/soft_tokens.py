@@ -13,7 +13,6 @@ Evaluation, the τ sweep and the table are in :mod:`asrlab.stages.soft_tokens_ev
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from threadpoolctl import threadpool_limits
 
 from asrlab import tracking
+from asrlab.params import threads
 from asrlab.audio.features import FeatureStore
 from asrlab.io import atomic_path, stable_hash, write_json
 from asrlab.methods.soft_tokens import fit_kmeans
@@ -37,7 +37,7 @@ EXPERIMENT = "soft_tokens"
 
 
 def _threads() -> None:
-    torch.set_num_threads(int(os.environ.get("ASRLAB_THREADS", os.cpu_count() or 1)))
+    torch.set_num_threads(threads())
 
 
 def _paths(p: dict) -> dict:

@@ -21,7 +21,6 @@ Four stages, data flowing one way:
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 import transformers
 
 from asrlab import evaluation, sweep, tracking
+from asrlab.params import threads
 from asrlab.audio.features import FeatureStore
 from asrlab.io import item_seed, stable_hash, write_json, write_jsonl
 from asrlab.methods.task_vectors import TaskVector
@@ -115,7 +115,7 @@ class Context:
 
     def __init__(self, params: dict):
         self.params, self.p = params, params["syn2real"]
-        torch.set_num_threads(int(os.environ.get("ASRLAB_THREADS", os.cpu_count() or 1)))
+        torch.set_num_threads(threads())
         transformers.utils.logging.disable_progress_bar()  # dozens of model loads: keep the log readable
         self.base_path = Path(self.p["base"])
         self.tok = store.tokenizer(self.base_path)  # every fine-tune keeps the vocabulary of the model it adapts

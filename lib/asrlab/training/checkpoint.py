@@ -73,12 +73,18 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
     """Restore everything in place; returns the trainer state (step, data position, counters)."""
     path = Path(path)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        meta = json.loads((path / "state.json").read_text())
+        optim_state = load_file(str(path / "optimizer.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))["torch"]
+    except Exception as e:  # noqa: BLE001 - truncated or damaged files: SafetensorError, JSON, OSError
+        raise RuntimeError(f"{path}: damaged checkpoint ({type(e).__name__}: {e}); delete that folder "
+                           f"(rm -r {path}) and rerun the stage; it then trains from the start") from e
     if missing or unexpected:
         raise RuntimeError(f"{path}: checkpoint does not match the model (missing {sorted(missing)[:5]}, "
                            f"unexpected {sorted(unexpected)[:5]}); was the config changed?")
-    meta = json.loads((path / "state.json").read_text())
-    optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")), meta["optimizer"]))
+    optimizer.load_state_dict(_optimizer_state(optim_state, meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    torch.set_rng_state(rng)
     return {"step": meta["step"], **meta["trainer"]}
