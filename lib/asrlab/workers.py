@@ -30,7 +30,7 @@ class Sweep:
     """One Optuna study of a study's sweep plan: its name, how to build its objective (lazily: it loads
     models), and the keyword arguments of :func:`asrlab.sweep.run_study`."""
     name: str
-    label: str                                  # what ``--only`` matches, e.g. "weather-s0-single"
+    label: str                                  # what ``--only`` matches, e.g. "weather-synthetic-s0-single"
     objective: Callable[[], Objective]
     n_trials: int
     kwargs: dict = field(default_factory=dict)
