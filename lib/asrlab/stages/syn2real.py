@@ -341,12 +341,13 @@ def evaluate(params: dict) -> dict:
     so_test = ctx.data([ev["speechocean762"]["pool"]], [], "test", base, corpus=ev["speechocean762"]["corpus"],
                        sample={k: v for k, v in ev["speechocean762"].items() if k in ("max_utterances", "seed")})
     done_once: set[tuple] = set()
+    zero_shot: dict[tuple, dict] = {}
 
     def test_eval(model, system: str, syn: str, seed: int, target: str, lam: float | None = None,
                   run_name: str | None = None, once: tuple | None = None) -> None:
         """``model`` on both test sets; ``once``: a key for the target-independent speechocean762 pass."""
         sets = {"target": ctx.data([p["real_pool"]], [target], "test", base, sample=ev["test"])}
-        if once is None or once not in done_once:
+        if (once is None or once not in done_once) and seed in ev["speechocean762"]["seeds"]:
             sets["speechocean762"] = so_test
             if once is not None:
                 done_once.add(once)
@@ -354,6 +355,9 @@ def evaluate(params: dict) -> dict:
         for set_name, data in sets.items():
             for method in p["decoding"]:
                 tag = f"{syn}-s{seed}-{target}-{system}-{set_name}-{method}"
+                if window and (set_name, target, method) in zero_shot:  # pool-independent: decoded once
+                    records.append({**zero_shot[(set_name, target, method)], "pool": syn})
+                    continue
                 e = evaluation.evaluate(
                     model, data, ctx.tok, method=method, window=window, group_keys=("speaker",), progress=False,
                     max_frames=ev["window_max_frames"] if window else ev["max_frames"],
@@ -364,6 +368,8 @@ def evaluate(params: dict) -> dict:
                 records.append({"pool": syn, "seed": seed, "target": target, "system": system, "test_set": set_name,
                                 "decoding": method, "lambda": lam, "wer": e.wer, "cer": e.cer,
                                 "utterances": e.scores["overall"]["utterances"]})
+                if window:
+                    zero_shot[(set_name, target, method)] = records[-1]
                 print(f"[syn2real_evaluate] {syn} s{seed} {target:>10} {system:<13} {set_name:<14} {method:<9} "
                       f"WER {e.wer:6.2f} CER {e.cer:6.2f}" + (f"  λ={lam:.3f}" if lam is not None else ""))
 
