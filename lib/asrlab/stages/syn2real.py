@@ -1,21 +1,22 @@
 """The syn2real study (SYN2REAL, Su et al., EMNLP 2024): task vectors against the synthetic-to-real gap.
 
-Four stages, data flowing one way:
+Four stages, data flowing one way, each once per synthetic pool (``synthetic_pools``: espeak-ng, Piper):
 
-- ``syn2real_finetune``: from the base AED, per seed and per *source set* (the scenarios that are not targets;
-  one shared set by default, one per target with ``leave_one_out``): θ_real^S (source real-proxy speech),
-  θ_syn^S (source synthetic speech), θ_mix^S (both); per target, the baseline θ_mix^S → target synthetic
-  speech (the target has text only; lr × 0.1) and the oracle θ_mix^S → target real speech (upper bound);
-  for multi-source averaging, θ_real/θ_syn on subsets (groups) of the source scenarios. The plan is a list of
-  runs (:func:`plan`), each through the one trainer, resumable, saved under ``models/syn2real/<run>``.
-- ``syn2real_vectors``: τ = θ_real^S − θ_syn^S per seed and source set, and the mean of the groups' vectors,
-  saved as safetensors with their provenance (:mod:`asrlab.methods.task_vectors`).
-- ``syn2real_evaluate``: per seed, target and vector, an Optuna TPE sweep of λ on the target's real dev
+- ``syn2real_finetune``: from the pretrained Whisper (``base``), per source seed and *source set* (the
+  scenarios that are not targets; one shared set by default, one per target with ``leave_one_out``):
+  θ_real^S (source real-proxy speech) and θ_syn^S (the pool's speech) on the same texts, θ_mix^S (both); per
+  seed and target, the baseline θ_mix^S → target synthetic speech (the target has text only; lr × 0.1) and
+  the oracle θ_mix^S → target real speech (upper bound); for multi-source averaging, θ_real/θ_syn on groups
+  of the source scenarios. The plan is a list of runs (:func:`plan`), each through the one trainer,
+  resumable, saved under ``models/syn2real/<run>``.
+- ``syn2real_vectors``: τ = θ_real^S − θ_syn^S per pool, seed and source set, and the mean of the groups'
+  vectors, saved as safetensors with their provenance (:mod:`asrlab.methods.task_vectors`).
+- ``syn2real_evaluate``: per pool, seed, target and vector, an Optuna TPE sweep of λ on the target's real dev
   speech — each trial merges in memory (baseline + λ·τ) and decodes, no retraining and no reloading — then
-  the chosen λ and the reference systems (base, source-real, baseline, oracle) on the target's real test
-  speech. Every trial and every test evaluation is an MLflow run.
-- ``syn2real_report`` (:mod:`asrlab.stages.syn2real_report`): the table shaped like the paper's Table 1 and
-  the figures.
+  the chosen λ and the reference systems (zero-shot, source real, source mix, baseline, oracle) on the
+  target's real test speech and on speechocean762 test. Every trial and test evaluation is an MLflow run.
+- ``syn2real_report`` (:mod:`asrlab.stages.syn2real_report`): the tables shaped like the paper's Table 1,
+  the figures and ``headline.json``.
 """
 
 from __future__ import annotations
