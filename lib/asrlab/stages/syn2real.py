@@ -296,7 +296,8 @@ def lambda_sweeps(ctx: Context, syn: str, seed: int, src: str, target: str) -> l
     baseline_md5 = tracking.file_hash(ctx.models_dir / baseline)
     out = []
     for kind, path in vector_files(p, ctx.scenarios)[f"s{source_seed(p, seed)}/{src}/{syn}"].items():
-        key = stable_hash(ctx.inputs_hash, tracking.file_hash(path), baseline_md5, sw, p["eval"], n=10)
+        dev_spec = {k: p["eval"][k] for k in ("dev", "max_frames", "max_new_tokens")}  # what a trial decodes
+        key = stable_hash(ctx.inputs_hash, tracking.file_hash(path), baseline_md5, sw, dev_spec, n=10)
         label = f"{target}-{syn}-s{seed}-{kind}"
         out.append(LambdaSweep(
             f"syn2real-{label}-{key}", label, target, kind, path, baseline, dict(
