@@ -1,6 +1,6 @@
 """Sweep throughput: complete λ-trials per minute with 1 and 3 workers, sqlite vs PostgreSQL.
 
-Each configuration runs ``asrlab sweep syn2real --only <target>-s0-single --trials N --workers W`` — the real
+Each configuration runs ``asrlab sweep syn2real --only <target>-synthetic-s0-single --trials N --workers W`` — the real
 syn2real λ objective (merge baseline + λ·τ in memory, decode the target's real-proxy dev speech, score), each
 trial an MLflow run — on fresh stores of one engine for both Optuna and MLflow: the embedded sqlite files, or
 a PostgreSQL cluster started for the benchmark (``scripts/postgres-local.sh``, Debian's packages). Reported:
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "results/bench/sweep.json"))
     args = ap.parse_args()
     load_before, t_start = os.getloadavg(), time.time()
-    only = f"{args.target}-s0-single"
+    only = f"{args.target}-synthetic-s0-single"
     results = []
     with tempfile.TemporaryDirectory(prefix="asrlab-sweep-bench-") as tmp:
         Path(tmp).chmod(0o711)  # as root the cluster belongs to `postgres`, which must reach it

@@ -11,7 +11,7 @@ median of ``--repeats``:
    Optuna storage (sqlite) and each trial's MLflow run (sqlite), in a temporary directory: one study of
    ``--repeats`` trials, its wall time divided by the trials (after a warm-up study that creates the databases).
 
-Uses ``models/base_aed`` (``make repro`` first) as the baseline and, when present, the syn2real vector of seed 0;
+Uses ``syn2real.base`` (``make repro`` first) as the baseline and, when present, the syn2real vector of seed 0;
 otherwise a random τ of the same shapes (the cost does not depend on the values). The dev set is the real-proxy
 dev speech of ``--target``. Writes ``results/bench/syn2real.json``. Run on an idle machine:
 ``python benchmarks/syn2real_bench.py [--repeats 7] [--target general] [--decoding ctc]``.
@@ -43,7 +43,6 @@ from asrlab.io import write_json  # noqa: E402
 from asrlab.methods.task_vectors import TaskVector  # noqa: E402
 from asrlab.models import store  # noqa: E402
 from asrlab.params import load_params  # noqa: E402
-from asrlab.tokenizer import load_tokenizer  # noqa: E402
 from asrlab.training.data import SpeechData, select  # noqa: E402
 
 
@@ -58,12 +57,12 @@ def main() -> None:
     os.chdir(ROOT)
     params = load_params("params.yaml")
     torch.set_num_threads(int(os.environ.get("ASRLAB_THREADS", os.cpu_count() or 1)))
-    tok = load_tokenizer(params["tokenizer"]["out_dir"])
+    tok = store.tokenizer(params["syn2real"]["base"])  # the model folder carries its tokenizer
     fs = FeatureStore(params["features"]["out_dir"])
     _, model = store.load(params["syn2real"]["base"])
     spec = {"corpus": ["slurp"], "pools": [params["syn2real"]["real_pool"]], "scenarios": [args.target], "splits": ["dev"]}
     dev = SpeechData(select(list(fs.rows.values()), spec), fs, tok, model.max_frames)
-    vec = Path(params["syn2real"]["vectors_dir"]) / "s0-shared-single.safetensors"
+    vec = Path(params["syn2real"]["vectors_dir"]) / "s0-shared-synthetic-single.safetensors"
     if vec.is_file():
         tau, source = TaskVector.load(vec), str(vec)
     else:

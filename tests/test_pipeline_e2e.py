@@ -135,21 +135,35 @@ def test_smoke_repro_runs_the_syn2real_study(smoke_repo: Path):
     from asrlab.methods.task_vectors import TaskVector
 
     finetune = json.loads((smoke_repo / "results/syn2real/finetune.json").read_text())
-    assert set(finetune["runs"]) >= {"s0/shared/source_real", "s0/shared/source_syn", "s0/weather/baseline",
-                                     "s0/weather/oracle", "s1/weather/baseline", "s0/shared/group1_syn"}
-    tau = TaskVector.load(smoke_repo / "models/syn2real_vectors/s0-shared-single.safetensors")
-    assert tau.metadata["real_run"] == "s0/shared/source_real" and len(tau.deltas) > 50
-    assert (smoke_repo / "models/syn2real_vectors/s0-shared-avg.safetensors").is_file()
+    assert set(finetune["runs"]) >= {"s0/shared/synthetic/source_real", "s0/shared/synthetic/source_syn",
+                                     "s0/synthetic/weather/baseline", "s0/synthetic/weather/oracle",
+                                     "s1/synthetic/weather/baseline", "s0/shared/synthetic/group1_syn",
+                                     "s0/shared/synthetic_neural/source_syn", "s0/synthetic_neural/weather/baseline"}
+    assert "s1/synthetic_neural/weather/baseline" not in finetune["runs"]  # pool_seeds: one seed for Piper
+    tau = TaskVector.load(smoke_repo / "models/syn2real_vectors/s0-shared-synthetic-single.safetensors")
+    assert tau.metadata["real_run"] == "s0/shared/synthetic/source_real" and len(tau.deltas) > 50
+    assert (smoke_repo / "models/syn2real_vectors/s0-shared-synthetic-avg.safetensors").is_file()
+    assert (smoke_repo / "models/syn2real_vectors/s0-shared-synthetic_neural-single.safetensors").is_file()
     tab = pd.read_csv(smoke_repo / "results/syn2real/table.csv")
-    assert list(tab["target"]) == ["weather", "mean"]
-    for col in ("baseline_wer", "syn2real_wer", "baseline_cer", "syn2real_cer", "oracle_wer", "syn2real_avg_wer"):
-        assert tab[col].notna().all(), col
+    esp = tab[(tab["pool"] == "synthetic") & (tab["test_set"] == "target")]
+    assert list(esp["target"]) == ["weather", "mean"]
+    for col in ("zero_shot_wer", "source_real_wer", "source_mix_wer", "baseline_wer", "syn2real_wer",
+                "baseline_cer", "syn2real_cer", "oracle_wer", "syn2real_avg_wer"):
+        assert esp[col].notna().all(), col
+    so = tab[(tab["pool"] == "synthetic_neural") & (tab["test_set"] == "speechocean762")]
+    assert so[["zero_shot_wer", "baseline_wer", "syn2real_wer"]].notna().all().all()
     assert "±" in (smoke_repo / "results/syn2real/table.md").read_text()  # two seeds: mean ± std
     for fig in ("lambda.png", "bars.png"):
         assert (smoke_repo / "results/syn2real" / fig).stat().st_size > 10_000
+    headline = json.loads((smoke_repo / "results/syn2real/headline.json").read_text())
+    assert set(headline) == {"synthetic", "synthetic_neural"}
+    assert headline["synthetic"]["seeds"] == 2 and headline["synthetic_neural"]["seeds"] == 1
+    assert set(headline["synthetic"]["speechocean762"]) == {"zero_shot_wer", "baseline_wer", "syn2real_wer",
+                                                            "syn2real_real_tau_wer"}
     trials = [json.loads(x) for x in (smoke_repo / "results/syn2real/trials.jsonl").read_text().splitlines()]
-    assert len(trials) == 4 * 3  # 2 seeds × (single τ, averaged τ of source seed 0) × 3 trials
-    assert sum(t["lambda"] == 0.0 for t in trials) == 4  # λ = 0 enqueued in every sweep
+    # espeak-ng: 2 seeds × (single τ, averaged τ); Piper: 1 seed × single τ; 2 trials each
+    assert len(trials) == (2 * 2 + 1) * 2
+    assert sum(t["lambda"] == 0.0 for t in trials) == 5  # λ = 0 enqueued in every sweep
     mlflow.set_tracking_uri(f"sqlite:///{smoke_repo / 'mlflow.db'}")
     sweep_runs = mlflow.search_runs(experiment_names=["syn2real_sweep"])
     assert len(sweep_runs) == len(trials) and set(sweep_runs["status"]) == {"FINISHED"}
@@ -210,19 +224,19 @@ def test_soft_tokens_notebook_rebuilds_the_table_from_mlflow(smoke_repo: Path, m
 
 def test_sweep_worker_extends_the_stage_s_own_syn2real_study(smoke_repo: Path):
     """`asrlab sweep syn2real` names its studies as syn2real_evaluate does: a worker asking for one more
-    trial finds the stage's study (3 trials) and adds exactly one, with the real λ objective."""
+    trial finds the stage's study (2 trials) and adds exactly one, with the real λ objective."""
     import optuna
 
     storage = f"sqlite:///{smoke_repo / 'optuna.db'}"
     before = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
-    out = run(["asrlab", "sweep", "syn2real", "--trials", "4", "--only", "weather-s0-single"], smoke_repo).stdout
+    out = run(["asrlab", "sweep", "syn2real", "--trials", "3", "--only", "weather-synthetic-s0-single"], smoke_repo).stdout
     after = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
     assert set(after) == set(before)  # no new study: the worker found the stage's
     grown = [name for name in after if after[name] != before[name]]
-    assert len(grown) == 1 and grown[0].startswith("syn2real-weather-s0-single-") and grown[0] in out
+    assert len(grown) == 1 and grown[0].startswith("syn2real-weather-synthetic-s0-single-") and grown[0] in out
     study = optuna.load_study(study_name=grown[0], storage=storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(done) == 4 and 0 <= done[-1].user_attrs["dev_cer"] <= 100
+    assert len(done) == 3 and 0 <= done[-1].user_attrs["dev_wer"]
 
 
 def test_ddp_training_matches_one_process(smoke_repo: Path, tmp_path):

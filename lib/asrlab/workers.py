@@ -30,7 +30,7 @@ class Sweep:
     """One Optuna study of a study's sweep plan: its name, how to build its objective (lazily: it loads
     models), and the keyword arguments of :func:`asrlab.sweep.run_study`."""
     name: str
-    label: str                                  # what ``--only`` matches, e.g. "weather-s0-single"
+    label: str                                  # what ``--only`` matches, e.g. "weather-synthetic-s0-single"
     objective: Callable[[], Objective]
     n_trials: int
     kwargs: dict = field(default_factory=dict)
@@ -43,12 +43,12 @@ def syn2real_sweeps(params: dict) -> Iterator[Sweep]:
     from asrlab.stages import syn2real as s2r
 
     ctx = s2r.Context(params)
-    for seed, src, target in s2r.targets(ctx):
-        for ls in s2r.lambda_sweeps(ctx, seed, src, target):
+    for syn, seed, src, target in s2r.targets(ctx):
+        for ls in s2r.lambda_sweeps(ctx, syn, seed, src, target):
 
             def objective(ls=ls) -> Objective:
                 model = ctx.load(ls.baseline)
-                dev = ctx.data([ctx.p["real_pool"]], [ls.target], "dev", model)
+                dev = s2r.dev_data(ctx, ls.target, model)
                 keep = {k: v.clone() for k, v in model.state_dict().items()}
                 return s2r.lambda_objective(ctx, model, keep, TaskVector.load(ls.vector), dev)
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from asrlab.io import read_jsonl, write_json, write_text
 
-SYSTEMS = ("base", "source_real", "baseline", "syn2real", "syn2real_avg", "oracle")
+SYSTEMS = ("zero_shot", "source_real", "source_mix", "baseline", "syn2real", "syn2real_avg", "oracle")
 
 
 def table(evals: pd.DataFrame, decoding: str) -> pd.DataFrame:
@@ -55,15 +55,15 @@ def _pm(v, s) -> str:
 
 
 def markdown(tab: pd.DataFrame, decoding: str, seeds: int) -> str:
-    head = ["target", "base", "source real", "baseline", "+SYN2REAL", "rel. Δ %", "λ*", "+SYN2REAL (avg τ)",
-            "rel. Δ %", "λ* (avg)", "oracle"]
+    head = ["target", "zero-shot", "source real", "source real + syn", "baseline", "+SYN2REAL", "rel. Δ %", "λ*",
+            "+SYN2REAL (avg τ)", "rel. Δ %", "λ* (avg)", "oracle"]
     lines = []
     for m in ("wer", "cer"):
         lines += [f"**{m.upper()} % ({decoding} decoding, mean ± std over {seeds} seed(s))**", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for _, r in tab.iterrows():
             rel = lambda s: ("–" if pd.isna(r.get(f"{s}_rel_{m}")) else _pm(r[f"{s}_rel_{m}"], r.get(f"{s}_rel_{m}_std")))  # noqa: E731
-            cells = [r["target"]] + [_pm(r.get(f"{s}_{m}"), r.get(f"{s}_{m}_std")) for s in ("base", "source_real", "baseline", "syn2real")]
+            cells = [r["target"]] + [_pm(r.get(f"{s}_{m}"), r.get(f"{s}_{m}_std")) for s in ("zero_shot", "source_real", "source_mix", "baseline", "syn2real")]
             cells += [rel("syn2real"), r.get("syn2real_lambda") or "",
                       _pm(r.get(f"syn2real_avg_{m}"), r.get(f"syn2real_avg_{m}_std")),
                       rel("syn2real_avg"), r.get("syn2real_avg_lambda") or "",
@@ -123,44 +123,67 @@ def plot_bars(tab: pd.DataFrame, path: str | Path | None = None):
     return fig
 
 
+def _r(x) -> float | None:
+    return None if x is None or pd.isna(x) else round(float(x), 3)
+
+
+def headline(tabs: dict[tuple[str, str], pd.DataFrame], evals: pd.DataFrame) -> dict:
+    """``results/syn2real/headline.json``: one object per synthetic pool (issue 17, item 7). Target figures
+    are the mean rows of the target real-proxy test table; speechocean762 the mean rows of its table."""
+    out = {}
+    for (pool, test_set), tab in tabs.items():
+        if test_set != "target":
+            continue
+        mean = tab[tab["target"] == "mean"].iloc[0]
+        per_target = tab[tab["target"] != "mean"]
+        ev = evals[evals["pool"] == pool]
+        so = tabs.get((pool, "speechocean762"))
+        so_mean = so[so["target"] == "mean"].iloc[0] if so is not None else {}
+        out[pool] = {
+            "mean_rel_wer_change_pct": _r(mean.get("syn2real_rel_wer")),
+            "targets_improved": int((per_target["syn2real_rel_wer"] < 0).sum()),
+            "targets": len(per_target), "seeds": int(ev["seed"].nunique()),
+            **{f"{s}_wer": _r(mean.get(f"{s}_wer")) for s in ("baseline", "syn2real", "source_real", "oracle",
+                                                               "zero_shot")},
+            "speechocean762": {f"{s}_wer": _r(so_mean.get(f"{s}_wer")) for s in ("zero_shot", "baseline", "syn2real")}
+            | {"syn2real_real_tau_wer": _r(so_mean.get("syn2real_real_tau_wer"))},  # null until the real-recordings τ runs
+        }
+    return out
+
+
+TEST_SETS = {"target": "target real-proxy test", "speechocean762": "speechocean762 test (real recordings)"}
+
+
 def run(params: dict) -> dict:
     p = params["syn2real"]
     out = Path(p["results_dir"])
     evals = pd.DataFrame(read_jsonl(out / "evaluations.jsonl"))
     trials = pd.DataFrame(read_jsonl(out / "trials.jsonl"))
     decoding = p["sweep"]["decoding"]
-    tab = table(evals, decoding)
-    tab.to_csv(out / "table.csv", index=False, float_format="%.3f")
-    parts = [f"# SYN2REAL on {len(tab) - 1} target scenario(s)", "",
-             f"Target real-proxy test speech; λ chosen by Optuna on the target's real dev speech "
-             f"({p['sweep']['trials']} trials, objective dev {p['sweep']['metric'].upper()}, {decoding} decoding).",
-             "Relative Δ: per seed (SYN2REAL − baseline) / baseline, then mean ± std over seeds; the mean row's Δ is "
-             "the paper's figure, the change of the mean (paper: WER −10.03 %). Source models and τ are shared by "
-             "the seeds (`source_seeds`); base, source real and oracle are single runs.", "",
-             markdown(tab, decoding, evals["seed"].nunique())]
-    for other in p["decoding"]:
-        if other != decoding:
-            parts += [f"## {other} decoding (same λ*)", "", markdown(table(evals, other), other, evals["seed"].nunique())]
+    tabs = {(pool, ts): table(evals[(evals["pool"] == pool) & (evals["test_set"] == ts)], decoding)
+            for pool in p["synthetic_pools"] for ts in TEST_SETS}
+    csv = pd.concat([t.assign(pool=pool, test_set=ts) for (pool, ts), t in tabs.items()], ignore_index=True)
+    csv.to_csv(out / "table.csv", index=False, float_format="%.3f")
+    parts = [f"# SYN2REAL on {evals['target'].nunique()} target scenario(s), synthetic pools {', '.join(p['synthetic_pools'])}", "",
+             f"λ chosen by Optuna on the target's real-proxy dev speech ({p['sweep']['trials']} trials, objective dev "
+             f"{p['sweep']['metric'].upper()}, {decoding} decoding). Zero-shot: the pretrained Whisper on the 30-s "
+             "window. Relative Δ: per seed (SYN2REAL − baseline) / baseline, then mean ± std over seeds; the mean "
+             "row's Δ is the paper's figure, the change of the mean (paper: WER −10.03 %). Source models and τ are "
+             "shared by the seeds (`source_seeds`); zero-shot, source and oracle rows are single runs; on "
+             "speechocean762 the target-independent rows are measured once.", ""]
+    for (pool, ts), tab in tabs.items():
+        seeds = int(evals[evals["pool"] == pool]["seed"].nunique())
+        parts += [f"## {pool} — {TEST_SETS[ts]}", "", markdown(tab, decoding, seeds)]
     write_text(out / "table.md", "\n".join(parts))
-    plot_lambda(trials, out / "lambda.png")
-    plot_bars(tab[tab["target"] != "mean"], out / "bars.png")
-    mean = tab[tab["target"] == "mean"].iloc[0]
-    per_target = tab[tab["target"] != "mean"]
-    metrics = {"decoding": decoding, "targets": len(per_target), "seeds": int(evals["seed"].nunique()),
-               "baseline_wer": round(mean["baseline_wer"], 3), "syn2real_wer": round(mean["syn2real_wer"], 3),
-               "baseline_cer": round(mean["baseline_cer"], 3), "syn2real_cer": round(mean["syn2real_cer"], 3),
-               "rel_wer_change_of_mean": round(mean["syn2real_rel_wer"], 3),
-               "rel_wer_change_mean_per_target": round(per_target["syn2real_rel_wer"].mean(), 3),
-               "rel_wer_change_std_over_targets": round(per_target["syn2real_rel_wer"].std(ddof=0), 3),
-               "rel_cer_change_of_mean": round(mean["syn2real_rel_cer"], 3),
-               "targets_improved_wer": int((per_target["syn2real_rel_wer"] < 0).sum()),
-               "targets_improved_cer": int((per_target["syn2real_rel_cer"] < 0).sum()),
-               "lambda_star": {t: lam for t, lam in zip(per_target["target"], per_target["syn2real_lambda"])}}
-    if "syn2real_avg_wer" in mean and pd.notna(mean["syn2real_avg_wer"]):
-        metrics.update(syn2real_avg_wer=round(mean["syn2real_avg_wer"], 3),
-                       syn2real_avg_cer=round(mean["syn2real_avg_cer"], 3),
-                       rel_wer_change_of_mean_avg=round(mean["syn2real_avg_rel_wer"], 3),
-                       rel_cer_change_of_mean_avg=round(mean["syn2real_avg_rel_cer"], 3))
+    tr = trials.assign(target=trials["pool"] + "/" + trials["target"]) if len(trials) else trials
+    plot_lambda(tr, out / "lambda.png")
+    first = tabs[(p["synthetic_pools"][0], "target")]
+    plot_bars(first[first["target"] != "mean"], out / "bars.png")
+    head = headline(tabs, evals)
+    write_json(out / "headline.json", head)
+    metrics = {"decoding": decoding, **{pool: {k: v for k, v in h.items()} for pool, h in head.items()},
+               "lambda_star": {f"{pool}/{t}": lam for (pool, ts), tab in tabs.items() if ts == "target"
+                               for t, lam in zip(tab["target"], tab.get("syn2real_lambda", [])) if t != "mean"}}
     write_json(out / "metrics.json", metrics)
-    print(parts[-1] if len(parts) < 6 else markdown(tab, decoding, evals["seed"].nunique()))
+    print("\n".join(parts))
     return metrics
