@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-
+import difflib
+import os
 import re
+from pathlib import Path
 
 import yaml
 
@@ -58,8 +59,6 @@ def deep_merge(base: dict, override: dict) -> dict:
 def check_keys(section_params: dict, name: str, required: dict, optional: dict | None = None) -> dict:
     """Check a stage's section before the stage touches any output: every key known, every required key
     present, each value of its declared type (``{key: type}``; ints are accepted where floats are)."""
-    import difflib
-
     optional = optional or {}
     known = {**required, **optional}
     for key in section_params:
@@ -84,8 +83,6 @@ def threads(requested: int | None = None) -> int:
     """Torch threads for a stage: ``ASRLAB_THREADS`` if set (tests, CI), else ``requested``, else the free cores
     (cores minus the 1-minute load): threads beyond the free cores spin against a busy process (issue 18:
     0.19 -> 4 s per step beside one other job on 2 cores)."""
-    import os
-
     if os.environ.get("ASRLAB_THREADS"):
         return max(1, int(os.environ["ASRLAB_THREADS"]))
     if requested:

@@ -101,10 +101,10 @@ def test_two_process_ddp_matches_single_process_with_same_effective_batch(tmp_pa
     assert all(torch.isfinite(v).all() for v in w.values())
 
 
-def test_rerun_of_a_finished_run_reports_its_last_loss(tmp_path):
-    from asrlab.training.trainer import TrainConfig, train
+def _regression():
+    """A linear regression on 32 fixed random samples, batched by index: (model factory, collate, config)."""
+    from asrlab.training.trainer import TrainConfig
 
-    torch.manual_seed(0)
     x, y = torch.randn(32, 4), torch.randn(32, 1)
 
     class Reg(torch.nn.Module):
@@ -116,7 +116,14 @@ def test_rerun_of_a_finished_run_reports_its_last_loss(tmp_path):
             return {"loss": torch.nn.functional.mse_loss(self.lin(x[idx]), y[idx])}
 
     cfg = TrainConfig(max_steps=4, warmup_steps=1, max_frames=8, ckpt_every=2, log_every=1)
-    collate = lambda idx: {"idx": torch.tensor(idx)}  # noqa: E731
+    return Reg, lambda idx: {"idx": torch.tensor(idx)}, cfg
+
+
+def test_rerun_of_a_finished_run_reports_its_last_loss(tmp_path):
+    from asrlab.training.trainer import train
+
+    torch.manual_seed(0)
+    Reg, collate, cfg = _regression()
     first = train(Reg(), [1] * 32, collate, cfg, tmp_path / "ckpt")
     again = train(Reg(), [1] * 32, collate, cfg, tmp_path / "ckpt")
     assert again["resumed_from"] is not None and again["steps"] == 4
@@ -169,20 +176,9 @@ def test_unknown_precision_is_refused():
 
 
 def test_truncated_checkpoint_names_the_step_folder_to_delete(tmp_path):
-    from asrlab.training.trainer import TrainConfig, train
+    from asrlab.training.trainer import train
 
-    x, y = torch.randn(32, 4), torch.randn(32, 1)
-
-    class Reg(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(4, 1)
-
-        def forward(self, idx):
-            return {"loss": torch.nn.functional.mse_loss(self.lin(x[idx]), y[idx])}
-
-    cfg = TrainConfig(max_steps=4, warmup_steps=1, max_frames=8, ckpt_every=2, log_every=1)
-    collate = lambda idx: {"idx": torch.tensor(idx)}  # noqa: E731
+    Reg, collate, cfg = _regression()
     train(Reg(), [1] * 32, collate, cfg, tmp_path / "ckpt")
     step = tmp_path / "ckpt" / (tmp_path / "ckpt" / "latest").read_text().strip()
     model_file = step / "model.safetensors"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from asrlab.io import make_readable
 from asrlab.models.aed import AEDConfig, AEDModel
 from asrlab.models.encoder import EncoderConfig, SpeechEncoder
 from asrlab.models.llm_asr import LLMASR, LLMASRConfig, LMConfig, LoRASettings, add_lora
@@ -86,15 +86,7 @@ def save(model: torch.nn.Module, kind: str, path: str | Path, config=None, tok=N
     else:
         raise ValueError(f"unknown model kind {kind!r}")
     (path / META).write_text(json.dumps(meta, indent=2, default=list))
-    _readable(path)
-
-
-def _readable(path: Path) -> None:
-    """Files 0644 and folders 0755 unless the umask says otherwise (some writers leave temporary files' 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in [path, *path.rglob("*")]:
-        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+    make_readable(path)  # some writers leave temporary files' 0600
 
 
 def load(path: str | Path) -> tuple[str, torch.nn.Module]:
