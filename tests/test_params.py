@@ -52,15 +52,30 @@ def test_missing_pretrained_folder_names_the_param(tmp_path, stage, key):
 def test_threads_env_override_then_param_then_free_cores(monkeypatch):
     import os
 
+    from asrlab import params
     from asrlab.params import threads
 
     monkeypatch.setenv("ASRLAB_THREADS", "1")
     assert threads(4) == 1
     monkeypatch.delenv("ASRLAB_THREADS")
     assert threads(3) == 3
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    monkeypatch.setattr(params, "busy_cores", lambda: 1.2)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert threads() == 1
+    monkeypatch.setattr(params, "busy_cores", lambda: 0.3)
+    assert threads() == 2
+
+
+def test_busy_cores_is_the_non_idle_share_now_not_the_load_average(monkeypatch):
+    import os
+
+    from asrlab import params
+
+    samples = iter([(1000, 800), (1200, 900)])  # 200 jiffies, of which 100 idle: half of every core busy
+    monkeypatch.setattr(params, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))  # a stage that just ended: not counted
+    assert params.busy_cores(0.0) == 1.0
 
 
 def test_prepare_misspelt_nested_key_names_section_and_nearest(make_params):

@@ -6,6 +6,7 @@ import copy
 import difflib
 import os
 import re
+import time
 from pathlib import Path
 
 import yaml
@@ -79,16 +80,37 @@ def check_keys(section_params: dict, name: str, required: dict, optional: dict |
     return section_params
 
 
+def busy_cores(seconds: float = 0.5) -> float:
+    """Cores other processes keep busy right now: the non-idle share of every core's time over ``seconds``
+    (``/proc/stat``), times the cores. Not the load average: a pipeline's previous stage leaves a 1-minute
+    load of ~2 behind for a minute after it ends, which would make the next stage run on one thread on a
+    quiet machine. Falls back to the 1-minute load where ``/proc/stat`` does not exist."""
+    try:
+        t0, i0 = _cpu_times()
+        time.sleep(seconds)
+        t1, i1 = _cpu_times()
+    except OSError:
+        return os.getloadavg()[0]
+    return (1 - (i1 - i0) / max(t1 - t0, 1)) * (os.cpu_count() or 1)
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(all, idle + iowait) jiffies of all cores since boot, from the first line of /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + (v[4] if len(v) > 4 else 0)
+
+
 def threads(requested: int | None = None) -> int:
-    """Torch threads for a stage: ``ASRLAB_THREADS`` if set (tests, CI), else ``requested``, else the free cores
-    (cores minus the 1-minute load): threads beyond the free cores spin against a busy process (issue 18:
-    0.19 -> 4 s per step beside one other job on 2 cores)."""
+    """Torch threads for a stage: ``ASRLAB_THREADS`` if set (tests, CI), else ``requested``, else the cores
+    other processes leave free now (:func:`busy_cores`): threads beyond the free cores spin against a busy
+    process (issue 18: 0.19 -> 4 s per step beside one other job on 2 cores)."""
     if os.environ.get("ASRLAB_THREADS"):
         return max(1, int(os.environ["ASRLAB_THREADS"]))
     if requested:
         return int(requested)
     cores = os.cpu_count() or 1
-    free = max(1, cores - round(os.getloadavg()[0]))
+    free = max(1, cores - round(busy_cores()))
     if free < cores:
         print(f"[asrlab] {cores - free} of {cores} cores busy: {free} torch thread(s)")
     return free
