@@ -18,6 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import optuna
 import pandas as pd
@@ -144,6 +145,13 @@ def phones(params: dict) -> dict:
                 "hard": phone_separability(hard.numpy(), labels, train, max_iter=ph["probe_max_iter"]),
                 "soft": phone_separability(soft.numpy(), labels, train, max_iter=ph["probe_max_iter"])}
             r = res["per_k"][str(k)]
+            with tracking.run("soft_tokens_phones", f"{cond}-k{k}", params={"set": cond, "k": k, "tau": tau, "seed": seed,
+                                                                          "utterances": len(keep)}):
+                mlflow.log_metrics({"phone_purity": r["phone_purity"], "cluster_purity": r["cluster_purity"],
+                                    "pnmi": r["pnmi"], **{f"{m}_{rep}": r[rep][m] for rep in ("hard", "soft")
+                                                          for m in ("between_within", "probe_accuracy")},
+                                    **{f"{m}_continuous": res["continuous"][m]
+                                       for m in ("between_within", "probe_accuracy")}})
             print(f"[soft_tokens_phones] {cond} K={k}: purity {r['phone_purity']:.3f} PNMI {r['pnmi']:.3f}; "
                   f"between/within hard {r['hard']['between_within']:.3f} soft {r['soft']['between_within']:.3f}; "
                   f"probe acc hard {r['hard']['probe_accuracy']:.3f} soft {r['soft']['probe_accuracy']:.3f}")
