@@ -212,6 +212,23 @@ def test_smoke_repro_runs_the_soft_tokens_study(smoke_repo: Path):
     eval_runs = mlflow.search_runs(experiment_names=["soft_tokens_eval"])
     assert len(eval_runs) == len(p["sets"]["test"]) * len(seeds) * (1 + 2 * len(ks))
     assert set(eval_runs["status"]) == {"FINISHED"}
+    # Upstream: the imported Whisper's encoder, the layer its probe picked (lowest dev CER among those probed).
+    layer = json.loads((res / "layer.json").read_text())
+    probe = layer["probe"]["per_layer"]
+    assert layer["upstream"] == "whisper" and set(probe) == {str(k) for k in p["probe"]["layers"]}
+    assert layer["layer"] == int(min(probe, key=lambda k: probe[k]["dev_cer"])) and layer["dim"] == 384
+    # Alignment on exact phone labels, and the headline in the schema.
+    phones = json.loads((res / "phones.json").read_text())
+    assert set(phones["sets"]) == set(p["phones"]["sets"])
+    for v in phones["sets"].values():
+        assert v["frames"] > 100 and v["phones"] > 10 and set(v["per_k"]) == {str(k) for k in ks}
+        for a in v["per_k"].values():
+            assert 0 < a["pnmi"] <= 1 and 0 < a["phone_purity"] <= 1 and a["soft"]["between_within"] > 0
+    head = json.loads((res / "headline.json").read_text())
+    assert set(head["rel_wer_gain_pct"]) == set(head["continuous_wer"]) == {"in_domain", "accents", "speechocean762"}
+    assert set(head["soft_wer"]["accents"]) == {str(k) for k in ks} and head["seeds"] == seeds
+    hard, soft = head["hard_wer"]["in_domain"][str(ks[0])], head["soft_wer"]["in_domain"][str(ks[0])]
+    assert head["rel_wer_gain_pct"]["in_domain"][str(ks[0])] == pytest.approx((hard - soft) / hard * 100, abs=0.01)
 
 
 def test_soft_tokens_notebook_rebuilds_the_table_from_mlflow(smoke_repo: Path, monkeypatch):

@@ -209,3 +209,112 @@ def test_layer_set_decodes_through_the_one_evaluation_path(tmp_path, mode):
     assert [r["hyp"] for r in ev.rows] == alone and [r["id"] for r in ev.rows] == [r["id"] for r in rows]
     assert ev.scores["overall"] == error_rates([r["text"] for r in rows], alone)
     assert {"speaker/s0", "speaker/s1"} <= set(ev.scores) and (tmp_path / "h.tsv").is_file()
+
+
+# -- the alignment analysis and the upstream interface ----------------------------------------------------------
+
+
+def test_phone_alignment_is_one_for_a_perfect_tokeniser_and_near_zero_for_a_random_one():
+    from asrlab.methods.soft_tokens import phone_alignment
+    rng = np.random.default_rng(0)
+    phones = rng.integers(0, 10, 20000)
+    perfect = phone_alignment(phones * 3 + 7, phones)  # tokens a relabelling of the phones
+    assert perfect["phone_purity"] == pytest.approx(1.0) and perfect["pnmi"] == pytest.approx(1.0)
+    split = phone_alignment(phones * 2 + rng.integers(0, 2, len(phones)), phones)  # two tokens per phone
+    assert split["phone_purity"] == pytest.approx(1.0) and split["cluster_purity"] < 0.6
+    noise = phone_alignment(rng.integers(0, 10, len(phones)), phones)
+    assert noise["pnmi"] < 0.01 and noise["phone_purity"] < 0.15
+
+
+def test_phone_separability_ranks_separated_above_mixed_representations():
+    from asrlab.methods.soft_tokens import phone_separability
+    rng = np.random.default_rng(0)
+    phones = rng.integers(0, 4, 2000)
+    means = rng.normal(size=(4, 6)) * 4
+    separated = means[phones] + rng.normal(size=(2000, 6))
+    mixed = rng.normal(size=(2000, 6))
+    train = np.arange(2000) < 1000
+    a, b = phone_separability(separated, phones, train), phone_separability(mixed, phones, train)
+    assert a["between_within"] > 5 > 0.1 > b["between_within"]
+    assert a["probe_accuracy"] > 0.95 and b["probe_accuracy"] < 0.4
+
+
+def test_frame_labels_follow_the_durations_and_the_channel_delay():
+    from asrlab.audio.phones import SILENCE, frame_labels
+    phones = [("s", 100), ("E", 50), ("t", 50)]  # 0-100 ms s, 100-150 E, 150-200 t
+    # 20-ms frames labelled at their centres (10, 30, … ms); after the last phone, silence
+    assert frame_labels(phones, 11, 0.02) == ["s"] * 5 + ["E"] * 2 + ["t"] * 3 + [SILENCE]
+    delayed = frame_labels(phones, 13, 0.02, delay=0.04)  # everything 40 ms later, silence before
+    assert delayed == [SILENCE] * 2 + ["s"] * 5 + ["E"] * 2 + ["t"] * 3 + [SILENCE]
+
+
+def test_channel_delay_is_the_direct_path_of_the_simulated_room():
+    from asrlab.audio.channel import ChannelConfig, draw, room_impulse_response
+    from asrlab.audio.phones import channel_delay
+    cfg = ChannelConfig()
+    for seed in range(6):  # the direct path: the RIR's first strong tap (a reflection may be stronger still)
+        d = draw(cfg, seed)
+        a = np.abs(room_impulse_response(d, cfg.max_order, 16000))
+        n = int(round(channel_delay(d) * 16000))
+        assert a[n - 1: n + 2].max() > 0.5 * a.max() and a[: n - 2].max() < 0.2 * a.max()
+    assert channel_delay(None) == 0.0
+
+
+def test_pho_durations_add_up_to_the_mbrola_audio():
+    import io
+    import shutil
+    import subprocess
+
+    import soundfile as sf
+
+    from asrlab.audio.phones import pho
+    if shutil.which("mbrola") is None:
+        pytest.skip("mbrola is not installed (scripts/setup-system.sh installs it)")
+    text, voice = "set an alarm for seven", "mb-us1"
+    phones = pho(text, voice, 160, 50)
+    wav = subprocess.run(["espeak-ng", "-v", voice, "-s", "160", "-p", "50", "--stdout", text],
+                         capture_output=True, check=True).stdout
+    audio, sr = sf.read(io.BytesIO(wav))
+    assert abs(sum(ms for _, ms in phones) / 1000 - len(audio) / sr) < 0.01
+    assert [p for p, _ in phones[:3]] == ["s", "E", "t"]
+    with pytest.raises(ValueError, match="MBROLA voice"):
+        pho(text, "en-us", 160, 50)
+
+
+def test_upstream_kinds_and_bad_folders_are_named(tmp_path):
+    from asrlab.ssl import upstream
+    with pytest.raises(ValueError, match="upstream.kind must be one of"):
+        upstream.load({"kind": "wav2vec", "from": str(tmp_path)}, None)
+    with pytest.raises(FileNotFoundError, match="no Whisper folder there"):
+        upstream.load({"kind": "whisper", "from": str(tmp_path)}, None)
+    with pytest.raises(FileNotFoundError, match="no pipeline HuBERT there"):
+        upstream.load({"kind": "hubert", "from": str(tmp_path)}, None)
+
+
+def test_whisper_upstream_gives_each_rows_layer_frames(tmp_path):
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from asrlab.ssl import upstream
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(vocab_size=60, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=100,
+                        max_target_positions=20, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=1)
+    WhisperForConditionalGeneration(cfg).save_pretrained(tmp_path / "w")
+
+    class Store:  # the FeatureStore interface the upstream reads: load(id) -> (frames, n_mels)
+        feats = {"a": torch.randn(41, 80), "b": torch.randn(90, 80)}
+
+        def load(self, i):
+            return self.feats[i]
+
+    up = upstream.load({"kind": "whisper", "from": str(tmp_path / "w"), "batch_frames": 200}, Store())
+    rows = [{"id": "a", "frames": 41}, {"id": "b", "frames": 90}]
+    out = up.encode(rows, [0, 2])
+    assert up.n_layers == 2 and set(out) == {0, 2}
+    assert [f.shape for f in out[2]] == [(21, 32), (45, 32)]
+    alone = up.encode(rows[:1], [2])[2][0]
+    torch.testing.assert_close(alone, out[2][0], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="exceed the Whisper encoder's 200 frames"):
+        up.encode([{"id": "c", "frames": 201}], [2])

@@ -26,7 +26,8 @@ STAGES = {  # command -> (module, function)
 STAGES.update({  # soft_tokens study (issue 7)
     "soft_tokens_ssl": ("soft_tokens", "ssl"), "soft_tokens_layer": ("soft_tokens", "layer"),
     "soft_tokens_kmeans": ("soft_tokens", "kmeans"), "soft_tokens_train": ("soft_tokens", "train_downstream"),
-    "soft_tokens_sweep": ("soft_tokens_eval", "sweep"), "soft_tokens_eval": ("soft_tokens_eval", "evaluate"),
+    "soft_tokens_sweep": ("soft_tokens_eval", "sweep"),
+    "soft_tokens_phones": ("soft_tokens_eval", "phones"), "soft_tokens_eval": ("soft_tokens_eval", "evaluate"),
 })
 STAGES.update({  # hdmole study (issue 5)
     "hdmole_cache": ("hdmole", "cache"), "hdmole_sweep": ("hdmole", "run_sweep"),

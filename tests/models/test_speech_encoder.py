@@ -28,6 +28,27 @@ def test_matches_whisper_encoder_on_a_full_window(encoder):
     torch.testing.assert_close(ours, upstream)
 
 
+def test_hidden_states_match_whisper_encoders_own_on_a_full_window(encoder):
+    x = torch.randn(2, 80, 2 * CFG.max_source_positions)
+    ours = encoder(x, torch.tensor([120, 120]), hidden_states=True)
+    upstream = encoder.whisper_encoder(x, output_hidden_states=True).hidden_states
+    assert len(ours.hidden_states) == len(upstream) == CFG.layers + 1
+    for a, b in zip(ours.hidden_states, upstream):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ours.hidden_states[-1], ours.hidden)
+
+
+def test_upto_stops_at_a_layer_and_returns_its_output(encoder):
+    feats, lengths = pad_features([torch.randn(41, 80), torch.randn(17, 80)])
+    full = encoder(feats, lengths, hidden_states=True)
+    for k in range(CFG.layers + 1):
+        part = encoder(feats, lengths, upto=k)
+        torch.testing.assert_close(part.hidden, full.hidden_states[k])
+        assert part.hidden[1, int(part.lengths[1]):].abs().max() == 0  # padding zero at every layer
+    with pytest.raises(ValueError, match="upto=3: the encoder has layers 0..2"):
+        encoder(feats, lengths, upto=3)
+
+
 def test_lengths_mask_and_zeroed_padding(encoder):
     out = encoder(torch.randn(3, 80, 41), torch.tensor([41, 40, 7]))
     assert out.lengths.tolist() == [21, 20, 4] == output_lengths(torch.tensor([41, 40, 7])).tolist()

@@ -57,3 +57,42 @@ def soft_assign(x: torch.Tensor, centroids: torch.Tensor, tau: float, top_k: int
 def soft_embedding(p: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
     """Σ_k p_k E_k: the distribution (…, K) times the token-embedding table E (K, d) -> (…, d)."""
     return p.to(embedding.dtype) @ embedding
+
+
+# -- the paper's analysis: how well tokens and representations line up with phones ---------------------------
+
+
+def phone_alignment(tokens: np.ndarray, phones: np.ndarray) -> dict:
+    """HuBERT's measures of hard tokens against frame phone labels: phone purity (Σ_k max_p P(k, p), how
+    predictable the phone is from the token), cluster purity (Σ_p max_k P(k, p)) and PNMI = I(p; k) / H(p)."""
+    from scipy.stats import entropy
+    from sklearn.metrics import mutual_info_score
+    from sklearn.metrics.cluster import contingency_matrix
+
+    joint = contingency_matrix(phones, tokens)  # (phones, tokens) counts
+    n = joint.sum()
+    _, counts = np.unique(phones, return_counts=True)
+    return {"phone_purity": float(joint.max(0).sum() / n), "cluster_purity": float(joint.max(1).sum() / n),
+            "pnmi": float(mutual_info_score(phones, tokens) / entropy(counts)), "frames": int(n)}
+
+
+def phone_separability(x: np.ndarray, phones: np.ndarray, train: np.ndarray, seed: int = 0,
+                       max_iter: int = 300) -> dict:
+    """How separable the phones are in representation ``x`` (N, D): the ratio of between- to within-phone
+    variance, trace(S_B) / trace(S_W), and the accuracy of a linear probe (logistic regression) trained on the
+    frames where ``train`` is True and scored on the others (split by utterance, so no utterance is in both)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.asarray(x, dtype=np.float64)
+    mean = x.mean(0)
+    between = within = 0.0
+    for ph in np.unique(phones):
+        xp = x[phones == ph]
+        mp = xp.mean(0)
+        between += len(xp) * float(((mp - mean) ** 2).sum())
+        within += float(((xp - mp) ** 2).sum())
+    scaler = StandardScaler().fit(x[train])
+    probe = LogisticRegression(max_iter=max_iter, random_state=seed).fit(scaler.transform(x[train]), phones[train])
+    acc = float((probe.predict(scaler.transform(x[~train])) == phones[~train]).mean())
+    return {"between_within": between / max(within, 1e-12), "probe_accuracy": acc}

@@ -71,6 +71,7 @@ class EncoderOutput:
     hidden: torch.Tensor  # (B, T', D), zero at padded frames
     mask: torch.Tensor  # (B, T') bool, True on valid frames
     lengths: torch.Tensor  # (B,) valid frames after subsampling
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # with ``hidden_states=True``: transformers' order
 
 
 def output_lengths(lengths: torch.Tensor, stride1: int = 1) -> torch.Tensor:
@@ -114,8 +115,19 @@ def check_features(features: torch.Tensor, lengths: torch.Tensor, n_mels: int, m
             "larger max_source_positions")
 
 
-def encode(encoder: WhisperEncoder, features: torch.Tensor, lengths: torch.Tensor) -> EncoderOutput:
-    """Run ``encoder`` on ``features`` (B, n_mels, T) padded per batch, ``lengths`` (B,) valid frames."""
+def encode(encoder: WhisperEncoder, features: torch.Tensor, lengths: torch.Tensor, hidden_states: bool = False,
+           upto: int | None = None) -> EncoderOutput:
+    """Run ``encoder`` on ``features`` (B, n_mels, T) padded per batch, ``lengths`` (B,) valid frames.
+
+    ``hidden_states``: also return every layer's output in transformers' order (index 0 the input of the first
+    layer, index i the output of layer i, the last one after the final layer norm), zero at padded frames.
+    ``upto``: stop after that many layers; ``hidden`` is then layer ``upto``'s output (no final layer norm
+    unless ``upto`` is the last layer), the layers above it are not run.
+    """
+    n_layers = len(encoder.layers)
+    upto = n_layers if upto is None else upto
+    if not 0 <= upto <= n_layers:
+        raise ValueError(f"upto={upto}: the encoder has layers 0..{n_layers}")
     check_features(features, lengths, encoder.num_mel_bins, max_input_frames(encoder))
     stride1 = conv1_stride(encoder)
     lengths = lengths.to(features.device)
@@ -130,12 +142,17 @@ def encode(encoder: WhisperEncoder, features: torch.Tensor, lengths: torch.Tenso
     x = x + encoder.embed_positions.weight[: x.shape[1]]
     x = nn.functional.dropout(x, p=encoder.dropout, training=encoder.training)
     attn_mask = additive_mask(mask, x.dtype)
-    for layer in encoder.layers:
+    keep = ~mask[:, :, None]
+    states = []
+    for layer in encoder.layers[:upto]:
+        if hidden_states:
+            states.append(x.masked_fill(keep, 0.0))
         if encoder.training and encoder.layerdrop > 0.0 and torch.rand([]) < encoder.layerdrop:
             continue
         x = layer(x, attn_mask)
-    x = encoder.layer_norm(x).masked_fill(~mask[:, :, None], 0.0)
-    return EncoderOutput(hidden=x, mask=mask, lengths=out_lengths)
+    x = (encoder.layer_norm(x) if upto == n_layers else x).masked_fill(keep, 0.0)
+    return EncoderOutput(hidden=x, mask=mask, lengths=out_lengths,
+                         hidden_states=tuple(states) + (x,) if hidden_states else None)
 
 
 class SpeechEncoder(nn.Module):
@@ -174,8 +191,13 @@ class SpeechEncoder(nn.Module):
     def max_frames(self) -> int:
         return max_input_frames(self.whisper_encoder)
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> EncoderOutput:
-        return encode(self.whisper_encoder, features, lengths)
+    @property
+    def n_layers(self) -> int:
+        return len(self.whisper_encoder.layers)
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor, **kwargs) -> EncoderOutput:
+        """:func:`encode`; ``kwargs``: its ``hidden_states`` and ``upto``."""
+        return encode(self.whisper_encoder, features, lengths, **kwargs)
 
 
 class CachedEncoder(nn.Module):

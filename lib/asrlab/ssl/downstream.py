@@ -60,7 +60,8 @@ class DownstreamCTC(nn.Module):
         self.local = nn.Conv1d(cfg.d_model, cfg.d_model, kernel_size=5, padding=2)
         layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.heads, cfg.ffn_dim, cfg.dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        # layers 0: no transformer, a shallow probe (input projection, local convolution, CTC head)
+        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False) if cfg.layers else None
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
 
@@ -80,7 +81,8 @@ class DownstreamCTC(nn.Module):
         x = x.masked_fill(~valid[..., None], 0.0)
         x = x + nn.functional.gelu(self.local(x.transpose(1, 2))).transpose(1, 2)
         x = x + sinusoids(x.shape[1], x.shape[2]).to(x)
-        x = self.encoder(x, src_key_padding_mask=~valid)
+        if self.encoder is not None:
+            x = self.encoder(x, src_key_padding_mask=~valid)
         return self.head(self.norm(x))
 
     def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor, targets: torch.Tensor | None = None,

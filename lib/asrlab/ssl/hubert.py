@@ -7,7 +7,7 @@ vector (2 -> HuBERT's 50 Hz; the default profile uses 4 -> 25 Hz, half the cost 
 straight into ``HubertModel.feature_projection``; the waveform
 convolutions (kept minimal in the config) are bypassed. Everything after that — projection, mask embedding,
 convolutional positional embedding, transformer layers — is HubertModel's own code and weights. A real
-HuBERT/WavLM checkpoint (``init_from``) takes waveform instead (:func:`waveform_layer`).
+HuBERT/WavLM checkpoint takes waveform instead (:class:`asrlab.ssl.upstream.SSLUpstream`).
 
 Targets (iteration 1): k-means clusters of 39-dim MFCC (13 cepstra of the log-mel by DCT-II, + Δ + ΔΔ),
 averaged to the upstream's frame rate. Loss: cross-entropy on masked frames only (HuBERT's α = 1), through a linear head (the
@@ -129,12 +129,3 @@ class HubertUpstream(nn.Module):
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)
-
-
-@torch.no_grad()
-def waveform_layer(model: HubertModel, audio: np.ndarray, layer: int) -> torch.Tensor:
-    """Layer ``layer`` of a real HuBERT/WavLM checkpoint on one 16 kHz waveform -> (T, hidden)."""
-    x = torch.as_tensor(audio, dtype=torch.float32)
-    x = (x - x.mean()) / (x.std() + 1e-5)  # the checkpoints' feature extractor normalises each utterance
-    out = model(x[None], output_hidden_states=True)
-    return out.hidden_states[layer][0]

@@ -34,9 +34,19 @@ class LayerSet:
     def __init__(self, directory: str | Path, name: str):
         directory = Path(directory)
         with open(directory / f"{name}.jsonl") as f:
-            self.rows = [json.loads(line) for line in f]
+            rows = [json.loads(line) for line in f]
         tensors = load_file(str(directory / f"{name}.safetensors"))
-        self.frames = [tensors[r["id"]] for r in self.rows]
+        self._init(rows, [tensors[r["id"]] for r in rows], name)
+
+    @classmethod
+    def from_frames(cls, rows: list[dict], frames: list[torch.Tensor], name: str) -> "LayerSet":
+        """A set held in memory (the layer probe's), as if saved by :func:`save_set` and read back."""
+        self = cls.__new__(cls)
+        self._init(rows, [f.to(torch.float16) for f in frames], name)
+        return self
+
+    def _init(self, rows: list[dict], frames: list[torch.Tensor], name: str) -> None:
+        self.rows, self.frames = rows, frames
         self.targets = [char_ids(r["text"]) for r in self.rows]
         self.lengths = [int(f.shape[0]) for f in self.frames]
         self.name = name

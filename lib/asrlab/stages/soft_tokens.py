@@ -1,8 +1,11 @@
 """Stages of the soft_tokens study (arXiv 2606.06806), upstream to trained downstream models.
 
-- ``soft_tokens_ssl``: a small HuBERT pretrained by masked prediction of MFCC k-means targets on unlabelled
-  training audio (:mod:`asrlab.ssl.hubert`), or a local HuBERT/WavLM checkpoint (``ssl.init_from``).
-- ``soft_tokens_layer``: the chosen layer's frames for the downstream train set and every dev/test set.
+- ``soft_tokens_ssl``: with ``upstream.kind: hubert`` only, a small HuBERT pretrained by masked prediction of
+  MFCC k-means targets on unlabelled training audio (:mod:`asrlab.ssl.hubert`); for a pretrained upstream
+  (``whisper``: the imported Whisper's encoder, the default; ``ssl``: a local HuBERT/WavLM folder) there is
+  nothing to pretrain and it records which upstream the study uses.
+- ``soft_tokens_layer``: the upstream's layer (``upstream.layer``, or the one a character-CTC probe picks on
+  dev when it is null) for the downstream train set and every dev/test set (:mod:`asrlab.ssl.upstream`).
 - ``soft_tokens_kmeans``: MiniBatchKMeans centroids of that layer on the train set, one file per K.
 - ``soft_tokens_train``: downstream CTC models (:mod:`asrlab.ssl.downstream`) through the one trainer:
   continuous features and, per K, hard tokens (or soft tokens with ``downstream.train_soft_tau``), per seed.
@@ -22,13 +25,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from threadpoolctl import threadpool_limits
 
-from asrlab import tracking
+from asrlab import evaluation, tracking
 from asrlab.params import threads
 from asrlab.audio.features import FeatureStore
 from asrlab.io import atomic_path, stable_hash, write_json
 from asrlab.methods.soft_tokens import fit_kmeans
 from asrlab.ssl.downstream import DownstreamConfig, DownstreamCTC
-from asrlab.ssl.hubert import HubertUpstream, UpstreamConfig, mfcc, stack_frames, waveform_layer
+from asrlab.ssl import upstream
+from asrlab.ssl.hubert import HubertUpstream, UpstreamConfig, mfcc, stack_frames
 from asrlab.ssl.layerdata import LayerSet, save_set
 from asrlab.training.data import select
 from asrlab.training.trainer import TrainConfig, train
@@ -64,13 +68,19 @@ def load_downstream(path: Path) -> DownstreamCTC:
 
 
 def ssl(params: dict) -> dict:
-    """Pretrain the HuBERT upstream (iteration 1: MFCC k-means targets)."""
+    """Pretrain the in-pipeline HuBERT upstream (iteration 1: MFCC k-means targets) when the study uses it."""
     p, t0 = params["soft_tokens"], time.time()
-    s, out = p["ssl"], _paths(p)["upstream"]
+    s, out, spec = p["ssl"], _paths(p)["upstream"], p["upstream"]
     _threads()
+    if spec["kind"] not in upstream.KINDS:
+        raise ValueError(f"soft_tokens.upstream.kind must be one of {upstream.KINDS}, got {spec['kind']!r}")
+    if spec["kind"] == "hubert" and Path(spec["from"]) != out:
+        raise ValueError(f"soft_tokens.upstream.from is {spec['from']!r}, but the pipeline HuBERT is written to "
+                         f"{out}: with kind hubert, set from: {out}")
     out.mkdir(parents=True, exist_ok=True)
-    if s.get("init_from"):  # a real checkpoint: nothing to pretrain, the layer stage reads it directly
-        summary = {"init_from": s["init_from"], "wall_seconds": round(time.time() - t0, 1)}
+    if spec["kind"] != "hubert":  # a pretrained model: nothing to pretrain, the layer stage reads it directly
+        summary = {"upstream": spec["kind"], "from": spec["from"], "pretrained_here": False,
+                   "wall_seconds": round(time.time() - t0, 1)}
         write_json(out / "upstream.json", summary)
         write_json(Path(p["results_dir"]) / "ssl.json", summary)
         return summary
@@ -125,12 +135,6 @@ def ssl(params: dict) -> dict:
     return summary
 
 
-def _load_upstream(path: Path) -> HubertUpstream:
-    model = HubertUpstream(UpstreamConfig(**json.loads((path / "config.json").read_text())))
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
-    return model.eval()
-
-
 def _set_specs(p: dict) -> dict:
     specs = {"train": p["sets"]["train"]}
     specs.update({f"dev_{k}": v for k, v in p["sets"]["dev"].items()})
@@ -138,38 +142,66 @@ def _set_specs(p: dict) -> dict:
     return specs
 
 
-@torch.no_grad()
+def probe_layers(params: dict, up: upstream.Upstream, every: list[dict]) -> dict:
+    """Which layer carries the most about the words: per layer, a shallow character-CTC probe (the
+    downstream model with ``probe.model``) trained on ``probe.data.train`` by the one trainer and scored
+    on ``probe.data.dev``; the layer of the lowest dev CER is chosen."""
+    p = params["soft_tokens"]
+    pr = p["probe"]
+    layers = pr.get("layers") or list(range(up.n_layers + 1))
+    bad = [k for k in layers if not 0 <= k <= up.n_layers]
+    if bad:
+        raise ValueError(f"soft_tokens.probe.layers {bad}: the {up.kind} upstream has layers 0..{up.n_layers}")
+    train_rows, dev_rows = select(every, pr["data"]["train"]), select(every, pr["data"]["dev"])
+    train_frames, dev_frames = up.encode(train_rows, layers), up.encode(dev_rows, layers)
+    per_layer = {}
+    for k in layers:
+        data = LayerSet.from_frames(train_rows, train_frames[k], f"probe_train_l{k}")
+        dev = LayerSet.from_frames(dev_rows, dev_frames[k], f"probe_dev_l{k}")
+        torch.manual_seed(pr["train"].get("seed", 0))
+        model = DownstreamCTC(DownstreamConfig(input="features", feature_dim=int(data.frames[0].shape[1]),
+                                               **pr["model"]))
+        ckpt = Path(params.get("checkpoints_dir", "checkpoints")) / "soft_tokens_probe" / stable_hash(
+            pr, p["upstream"], k, tracking.file_hash(Path(params["features"]["out_dir"]) / "index.jsonl"), n=12)
+        with tracking.run(EXPERIMENT, f"probe-layer{k}", params={**pr["train"], "layer": k, "upstream": up.kind},
+                          tags={"model_kind": "layer_probe"}):
+            s = train(model, data.lengths, data.collate, TrainConfig.from_params(pr["train"]), ckpt, on_log=_log,
+                      desc=f"probe layer {k}")
+            ev = evaluation.evaluate(model.eval(), dev, None, method="ctc", max_frames=pr.get("decode_frames", 20000),
+                                     group_keys=(), progress=False)
+            mlflow.log_metrics({"dev_wer": ev.wer, "dev_cer": ev.cer})
+        per_layer[str(k)] = {"dev_wer": round(ev.wer, 2), "dev_cer": round(ev.cer, 2),
+                             "last_loss": round(s["last_loss"], 4)}
+        print(f"[soft_tokens_layer] probe layer {k}: dev WER/CER {ev.wer:.1f}/{ev.cer:.1f}")
+    chosen = int(min(per_layer, key=lambda k: per_layer[k]["dev_cer"]))
+    return {"chosen": chosen, "train_utterances": len(train_rows), "dev_utterances": len(dev_rows),
+            "per_layer": per_layer}
+
+
 def layer(params: dict) -> dict:
-    """Frames of ``ssl.layer`` for every set the downstream trains, tunes or is tested on."""
+    """Frames of the chosen upstream layer for every set the downstream trains, tunes or is tested on."""
     p, t0 = params["soft_tokens"], time.time()
     _threads()
-    paths, s = _paths(p), p["ssl"]
+    paths, spec = _paths(p), p["upstream"]
     fs = FeatureStore(params["features"]["out_dir"])
     every = list(fs.rows.values())
-    if s.get("init_from"):
-        from transformers import AutoModel
-        from asrlab.audio.io import load_audio
-        real = AutoModel.from_pretrained(s["init_from"]).eval()
-        encode = lambda rows: [waveform_layer(real, load_audio(r["audio"]), s["layer"]) for r in rows]  # noqa: E731
-    else:
-        up = _load_upstream(paths["upstream"])
-
-        def encode(rows):
-            out = []
-            for i in range(0, len(rows), 32):
-                chunk = [stack_frames(fs.load(r["id"]), up.cfg.stack) for r in rows[i: i + 32]]
-                lengths = torch.tensor([c.shape[0] for c in chunk])
-                x = torch.zeros(len(chunk), int(lengths.max()), chunk[0].shape[1])
-                for j, c in enumerate(chunk):
-                    x[j, : c.shape[0]] = c
-                h = up.layer(x, lengths, s["layer"])
-                out += [h[j, : lengths[j]] for j in range(len(chunk))]
-            return out
-    summary = {"layer": s["layer"], "sets": {}}
-    for name, spec in _set_specs(p).items():
-        rows = select(every, spec)
-        save_set(paths["layer"], name, rows, encode(rows))
-        summary["sets"][name] = len(rows)
+    sets = {name: select(every, s) for name, s in _set_specs(p).items()}
+    empty = [name for name, rows in sets.items() if not rows]
+    if empty:
+        raise ValueError(f"soft_tokens.sets select no utterances for {empty}: check their corpus/pools/splits")
+    up = upstream.load(spec, fs)
+    chosen, probe = spec.get("layer"), None
+    if chosen is None:
+        probe = probe_layers(params, up, every)
+        chosen = probe["chosen"]
+    elif not 0 <= chosen <= up.n_layers:
+        raise ValueError(f"soft_tokens.upstream.layer = {chosen}: the {up.kind} upstream has layers 0..{up.n_layers}")
+    summary = {"upstream": spec["kind"], "from": spec["from"], "layers": up.n_layers, "layer": chosen,
+               "probe": probe, "sets": {}}
+    for name, rows in sets.items():
+        frames = up.encode(rows, [chosen])[chosen]
+        save_set(paths["layer"], name, rows, frames)
+        summary["sets"][name], summary["dim"] = len(rows), int(frames[0].shape[1])
     summary["wall_seconds"] = round(time.time() - t0, 1)
     write_json(paths["results"] / "layer.json", summary)
     print(f"[soft_tokens_layer] {summary}")

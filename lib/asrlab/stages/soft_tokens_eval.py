@@ -18,9 +18,11 @@ import statistics
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import optuna
 import pandas as pd
+import torch
 
 from asrlab import evaluation, tracking
 from asrlab.evaluation import write_hypotheses
@@ -91,6 +93,74 @@ def sweep(params: dict) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ phones
+
+
+def phones(params: dict) -> dict:
+    """The paper's alignment analysis with exact labels: every frame of the MBROLA-rendered test utterances
+    gets its phone from espeak-ng's ``.pho`` (:mod:`asrlab.audio.phones`); per K, phone purity and PNMI of the
+    hard tokens, and the phone separability of the downstream's input representations — hard ``E[k]`` against
+    soft ``p(k|x) @ E`` at the condition's τ* — beside the continuous layer."""
+    from asrlab.audio.features import FeatureStore
+    from asrlab.audio.phones import row_labels
+    from asrlab.methods.soft_tokens import hard_assign, phone_alignment, phone_separability, soft_assign
+
+    p, t0 = params["soft_tokens"], time.time()
+    _threads()
+    paths, ph = _paths(p), p["phones"]
+    unknown = [c for c in ph["sets"] if c not in p["sets"]["test"]]
+    if unknown:
+        raise ValueError(f"soft_tokens.phones.sets {unknown} are not test sets ({list(p['sets']['test'])})")
+    taus = _read_json(paths["results"] / "sweep.json")["conditions"]
+    missing = [c for c in ph["sets"] if c not in taus]
+    if missing:
+        raise ValueError(f"soft_tokens.phones.sets {missing} have no dev set, so no τ*: add them to soft_tokens.sets.dev")
+    index = FeatureStore(params["features"]["out_dir"]).rows
+    seed = p["downstream"]["seeds"][0]
+    out = {"seed": seed, "sets": {}}
+    for cond in ph["sets"]:
+        data = LayerSet(paths["layer"], f"test_{cond}")
+        keep = [i for i, r in enumerate(data.rows) if index[r["id"]].get("engine") == "mbrola"][: ph["max_utterances"]]
+        if not keep:
+            raise ValueError(f"test_{cond} has no MBROLA-rendered utterance: no exact phone labels there")
+        frames, labels, utt = [], [], []
+        for j, i in enumerate(keep):
+            row, x = index[data.rows[i]["id"]], data.frames[i].float()
+            hop = 0.01 * round(row["frames"] / x.shape[0])  # log-mel frames (10 ms) per layer frame
+            labels += row_labels(row, x.shape[0], hop)
+            frames.append(x)
+            utt += [j] * x.shape[0]
+        x, labels = torch.cat(frames), np.asarray(labels)
+        train = np.asarray(utt) < len(keep) // 2  # the probe: first half of the utterances, scored on the rest
+        res = {"utterances": len(keep), "frames": len(labels), "phones": int(len(np.unique(labels))),
+               "continuous": phone_separability(x.numpy(), labels, train, max_iter=ph["probe_max_iter"]), "per_k": {}}
+        for k in p["kmeans"]["ks"]:
+            c = load_centroids(p, k)
+            emb = load_downstream(paths["downstream"] / f"k{k}-s{seed}.safetensors").embed.weight.detach()
+            tau = taus[cond][str(k)]["tau_star"]  # the condition's dev set tuned it (sets.dev and sets.test share names)
+            hard = emb[hard_assign(x, c)]
+            soft = soft_assign(x, c, tau, p["sweep"].get("top_k")) @ emb
+            res["per_k"][str(k)] = {
+                "tau": tau, **phone_alignment(hard_assign(x, c).numpy(), labels),
+                "hard": phone_separability(hard.numpy(), labels, train, max_iter=ph["probe_max_iter"]),
+                "soft": phone_separability(soft.numpy(), labels, train, max_iter=ph["probe_max_iter"])}
+            r = res["per_k"][str(k)]
+            with tracking.run("soft_tokens_phones", f"{cond}-k{k}", params={"set": cond, "k": k, "tau": tau, "seed": seed,
+                                                                          "utterances": len(keep)}):
+                mlflow.log_metrics({"phone_purity": r["phone_purity"], "cluster_purity": r["cluster_purity"],
+                                    "pnmi": r["pnmi"], **{f"{m}_{rep}": r[rep][m] for rep in ("hard", "soft")
+                                                          for m in ("between_within", "probe_accuracy")},
+                                    **{f"{m}_continuous": res["continuous"][m]
+                                       for m in ("between_within", "probe_accuracy")}})
+            print(f"[soft_tokens_phones] {cond} K={k}: purity {r['phone_purity']:.3f} PNMI {r['pnmi']:.3f}; "
+                  f"between/within hard {r['hard']['between_within']:.3f} soft {r['soft']['between_within']:.3f}; "
+                  f"probe acc hard {r['hard']['probe_accuracy']:.3f} soft {r['soft']['probe_accuracy']:.3f}")
+        out["sets"][cond] = res
+    out["wall_seconds"] = round(time.time() - t0, 1)
+    write_json(paths["results"] / "phones.json", out)
+    return out
+
+
 # -------------------------------------------------------------------------------------------------- eval
 
 
@@ -136,15 +206,60 @@ def evaluate(params: dict) -> dict:
                            for r in table.itertuples()},
                "tau_star": {cond: {k: v["tau_star"] for k, v in ks.items()} for cond, ks in taus.items()},
                "floor_sets": floor_sets(table), "wall_seconds": {}}
-    for stage in ("ssl", "layer", "kmeans", "train", "sweep"):
+    for stage in ("ssl", "layer", "kmeans", "train", "sweep", "phones"):
         f = res / f"{stage}.json"
         if f.is_file():
             metrics["wall_seconds"][f"soft_tokens_{stage}"] = _read_json(f).get("wall_seconds")
     metrics["wall_seconds"]["soft_tokens_eval"] = round(time.time() - t0, 1)
     metrics["wall_seconds"]["total"] = round(sum(v or 0 for v in metrics["wall_seconds"].values()), 1)
     write_json(res / "metrics.json", metrics)
+    phones_ = _read_json(res / "phones.json")
+    write_json(res / "headline.json", headline(table, p, taus, _read_json(res / "layer.json"), phones_))
+    with open(res / "table.md", "a") as f:
+        f.write("\n" + alignment_markdown(phones_))
     print((res / "table.md").read_text())
     return metrics
+
+
+def headline(table: pd.DataFrame, p: dict, taus: dict, layer: dict, phones_: dict) -> dict:
+    """The issue's headline: relative WER gain of hard/soft over hard/hard per set and K, the continuous and
+    soft WERs, τ*, the upstream layer, the alignment measures and the seeds."""
+    m = {(r.system, r.set): r for r in table.itertuples()}
+    sets, ks = list(p["sets"]["test"]), p["kmeans"]["ks"]
+    gain = {t: {str(k): round((m[(f"K={k} hard/hard", t)].wer_mean - m[(f"K={k} hard/soft", t)].wer_mean)
+                              / max(m[(f"K={k} hard/hard", t)].wer_mean, 1e-9) * 100, 2) for k in ks} for t in sets}
+    return {"rel_wer_gain_pct": gain,
+            "continuous_wer": {t: m[("continuous", t)].wer_mean for t in sets},
+            "continuous_wer_std": {t: m[("continuous", t)].wer_std for t in sets},
+            "hard_wer": {t: {str(k): m[(f"K={k} hard/hard", t)].wer_mean for k in ks} for t in sets},
+            "soft_wer": {t: {str(k): m[(f"K={k} hard/soft", t)].wer_mean for k in ks} for t in sets},
+            "soft_wer_std": {t: {str(k): m[(f"K={k} hard/soft", t)].wer_std for k in ks} for t in sets},
+            "tau_star": {c: {k: v["tau_star"] for k, v in kv.items()} for c, kv in taus.items()},
+            "upstream": {"kind": layer.get("upstream"), "from": layer.get("from"), "layer": layer.get("layer")},
+            "alignment": {c: {"continuous": v["continuous"],
+                              **{k: {"phone_purity": a["phone_purity"], "pnmi": a["pnmi"],
+                                     "between_within": {"hard": a["hard"]["between_within"],
+                                                        "soft": a["soft"]["between_within"]},
+                                     "probe_accuracy": {"hard": a["hard"]["probe_accuracy"],
+                                                        "soft": a["soft"]["probe_accuracy"]}}
+                                 for k, a in v["per_k"].items()}} for c, v in phones_["sets"].items()},
+            "seeds": list(p["downstream"]["seeds"])}
+
+
+def alignment_markdown(phones_: dict) -> str:
+    """The alignment table: per test set and K, hard-token purity/PNMI and hard vs soft phone separability."""
+    lines = ["Phone alignment (exact MBROLA labels; representations of the seed-"
+             f"{phones_['seed']} downstream):", "",
+             "| set | K | phone purity | PNMI | between/within hard → soft | probe acc. hard → soft |",
+             "|---|---|---|---|---|---|"]
+    for cond, v in phones_["sets"].items():
+        c = v["continuous"]
+        lines.append(f"| {cond} | continuous | | | {c['between_within']:.3f} | {c['probe_accuracy']:.3f} |")
+        for k, a in sorted(v["per_k"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {cond} | {k} (τ {a['tau']:.3g}) | {a['phone_purity']:.3f} | {a['pnmi']:.3f} | "
+                         f"{a['hard']['between_within']:.3f} → {a['soft']['between_within']:.3f} | "
+                         f"{a['hard']['probe_accuracy']:.3f} → {a['soft']['probe_accuracy']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _read_json(path: Path) -> dict:
