@@ -36,6 +36,12 @@ class Upstream:
         """{layer: [(T_i, D) float32 per row, in row order]}."""
         raise NotImplementedError
 
+    def check_layers(self, layers: list[int], param: str) -> None:
+        """Raise, naming ``param``, if a requested layer is not one of this upstream's 0..n_layers."""
+        bad = [k for k in layers if not 0 <= k <= self.n_layers]
+        if bad:
+            raise ValueError(f"soft_tokens.{param} = {bad}: the {self.kind} upstream has layers 0..{self.n_layers}")
+
 
 class WhisperUpstream(Upstream):
     kind = "whisper"
@@ -50,7 +56,6 @@ class WhisperUpstream(Upstream):
 
     @torch.no_grad()
     def encode(self, rows, layers):
-        rows = [r for r in rows]
         too_long = [r["id"] for r in rows if r["frames"] > self.encoder.max_frames]
         if too_long:
             raise ValueError(f"{len(too_long)} utterances exceed the Whisper encoder's {self.encoder.max_frames} "
@@ -119,11 +124,17 @@ class SSLUpstream(Upstream):
         return out
 
 
-def load(spec: dict, features: FeatureStore) -> Upstream:
-    """The upstream ``soft_tokens.upstream`` describes ({kind, from, batch_frames})."""
+def check_kind(spec: dict) -> str:
+    """``soft_tokens.upstream.kind``, checked against :data:`KINDS`."""
     kind = spec.get("kind")
     if kind not in KINDS:
         raise ValueError(f"soft_tokens.upstream.kind must be one of {KINDS}, got {kind!r}")
+    return kind
+
+
+def load(spec: dict, features: FeatureStore) -> Upstream:
+    """The upstream ``soft_tokens.upstream`` describes ({kind, from, batch_frames})."""
+    kind = check_kind(spec)
     if kind == "whisper":
         return WhisperUpstream(spec["from"], features, spec.get("batch_frames", 20000))
     if kind == "hubert":

@@ -72,9 +72,7 @@ def ssl(params: dict) -> dict:
     p, t0 = params["soft_tokens"], time.time()
     s, out, spec = p["ssl"], _paths(p)["upstream"], p["upstream"]
     _threads()
-    if spec["kind"] not in upstream.KINDS:
-        raise ValueError(f"soft_tokens.upstream.kind must be one of {upstream.KINDS}, got {spec['kind']!r}")
-    if spec["kind"] == "hubert" and Path(spec["from"]) != out:
+    if upstream.check_kind(spec) == "hubert" and Path(spec["from"]) != out:
         raise ValueError(f"soft_tokens.upstream.from is {spec['from']!r}, but the pipeline HuBERT is written to "
                          f"{out}: with kind hubert, set from: {out}")
     out.mkdir(parents=True, exist_ok=True)
@@ -149,9 +147,7 @@ def probe_layers(params: dict, up: upstream.Upstream, every: list[dict]) -> dict
     p = params["soft_tokens"]
     pr = p["probe"]
     layers = pr.get("layers") or list(range(up.n_layers + 1))
-    bad = [k for k in layers if not 0 <= k <= up.n_layers]
-    if bad:
-        raise ValueError(f"soft_tokens.probe.layers {bad}: the {up.kind} upstream has layers 0..{up.n_layers}")
+    up.check_layers(layers, "probe.layers")
     train_rows, dev_rows = select(every, pr["data"]["train"]), select(every, pr["data"]["dev"])
     train_frames, dev_frames = up.encode(train_rows, layers), up.encode(dev_rows, layers)
     per_layer = {}
@@ -194,8 +190,8 @@ def layer(params: dict) -> dict:
     if chosen is None:
         probe = probe_layers(params, up, every)
         chosen = probe["chosen"]
-    elif not 0 <= chosen <= up.n_layers:
-        raise ValueError(f"soft_tokens.upstream.layer = {chosen}: the {up.kind} upstream has layers 0..{up.n_layers}")
+    else:
+        up.check_layers([chosen], "upstream.layer")
     summary = {"upstream": spec["kind"], "from": spec["from"], "layers": up.n_layers, "layer": chosen,
                "probe": probe, "sets": {}}
     for name, rows in sets.items():

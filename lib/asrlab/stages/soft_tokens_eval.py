@@ -138,10 +138,11 @@ def phones(params: dict) -> dict:
             c = load_centroids(p, k)
             emb = load_downstream(paths["downstream"] / f"k{k}-s{seed}.safetensors").embed.weight.detach()
             tau = taus[cond][str(k)]["tau_star"]  # the condition's dev set tuned it (sets.dev and sets.test share names)
-            hard = emb[hard_assign(x, c)]
+            tokens = hard_assign(x, c)
+            hard = emb[tokens]
             soft = soft_assign(x, c, tau, p["sweep"].get("top_k")) @ emb
             res["per_k"][str(k)] = {
-                "tau": tau, **phone_alignment(hard_assign(x, c).numpy(), labels),
+                "tau": tau, **phone_alignment(tokens.numpy(), labels),
                 "hard": phone_separability(hard.numpy(), labels, train, max_iter=ph["probe_max_iter"]),
                 "soft": phone_separability(soft.numpy(), labels, train, max_iter=ph["probe_max_iter"])}
             r = res["per_k"][str(k)]
