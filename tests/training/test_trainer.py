@@ -130,6 +130,37 @@ def test_rerun_of_a_finished_run_reports_its_last_loss(tmp_path):
     assert again["last_loss"] == pytest.approx(first["last_loss"]) and first["last_loss"] == first["last_loss"]
 
 
+def test_a_finished_run_keeps_one_checkpoint_without_optimizer_unless_extendable(tmp_path):
+    """Disk: the final checkpoint replaces the earlier ones and drops the optimizer's moments, yet a rerun
+    gives back the trained weights; an extendable run (efin's budgets) keeps them and continues bit for bit."""
+    import dataclasses
+
+    from asrlab.training.trainer import train
+
+    Reg, collate, cfg = _regression()
+    torch.manual_seed(0)
+    model = Reg()
+    train(model, [1] * 32, collate, cfg, tmp_path / "slim")
+    assert sorted(p.name for p in (tmp_path / "slim").glob("step-*")) == ["step-00000004"]
+    assert not (tmp_path / "slim/step-00000004/optimizer.safetensors").exists()
+    again = Reg()
+    train(again, [1] * 32, collate, cfg, tmp_path / "slim")
+    assert torch.equal(again.lin.weight, model.lin.weight)
+
+    ext = dataclasses.replace(cfg, extendable=True, min_lr_ratio=1.0)  # constant lr after warmup, as efin
+    torch.manual_seed(0)
+    train(Reg(), [1] * 32, collate, ext, tmp_path / "ext")
+    assert (tmp_path / "ext/step-00000004/optimizer.safetensors").is_file()
+    longer = dataclasses.replace(ext, max_steps=8)
+    torch.manual_seed(0)
+    continued = Reg()
+    train(continued, [1] * 32, collate, longer, tmp_path / "ext")
+    torch.manual_seed(0)
+    straight = Reg()
+    train(straight, [1] * 32, collate, longer, tmp_path / "straight")
+    assert torch.equal(continued.lin.weight, straight.lin.weight)
+
+
 def test_lr_scales_give_a_matching_parameter_its_own_learning_rate():
     from asrlab.training.trainer import TrainConfig, param_groups
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))

@@ -96,7 +96,7 @@ class Study:
         """Train ``stage`` to ``steps`` (resuming), counting FLOPs; returns the stage's cumulative FLOPs."""
         model.objective = stage.objective
         cfg = TrainConfig.from_params({**self.p["train"], "max_steps": steps, "seed": seed, "freeze": ["*"],
-                                       "unfreeze": stage.unfreeze(), "keep_checkpoints": 1,
+                                       "unfreeze": stage.unfreeze(), "keep_checkpoints": 1, "extendable": True,
                                        "ckpt_every": min(steps, self.p["train"].get("ckpt_every", steps))})
         ckpt.mkdir(parents=True, exist_ok=True)
         side = ckpt / "flops.json"

@@ -1,5 +1,8 @@
 """Training checkpoints in safetensors: model, optimizer, scheduler, RNG state and data position.
 
+The checkpoint of a finished run (``finished``) keeps the weights and the state but not the optimizer's moments
+(twice the trainable weights, never read again), and replaces every earlier checkpoint of the run.
+
 A checkpoint is a folder ``step-XXXXXXXX`` written under a temporary name and renamed when complete; the
 file ``latest`` (itself replaced atomically) names the newest one. A ``kill -9`` at any moment leaves either
 the previous checkpoint or the new one, never a torn one.
@@ -39,7 +42,7 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, optimizer, scheduler,
-                    trainer_state: dict, keep: int = 2) -> Path:
+                    trainer_state: dict, keep: int = 2, finished: bool = False) -> Path:
     directory = Path(directory)
     final = directory / f"step-{step:08d}"
     tmp = directory / f".step-{step:08d}.tmp"
@@ -47,9 +50,11 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, op
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    if not finished:
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    meta = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "trainer": trainer_state}
+    meta = {"step": step, "finished": finished, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+            "trainer": trainer_state}
     (tmp / "state.json").write_text(json.dumps(meta))
     for f in tmp.iterdir():  # data on disk before the rename makes it visible
         with open(f, "rb") as fh:
@@ -57,7 +62,7 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, op
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     write_text(directory / "latest", final.name)
-    for old in sorted(directory.glob("step-*"))[:-keep]:
+    for old in sorted(directory.glob("step-*"))[:-(1 if finished else keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -76,7 +81,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, schedul
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         meta = json.loads((path / "state.json").read_text())
-        optim_state = load_file(str(path / "optimizer.safetensors"))
+        finished = meta.get("finished", False)  # nothing left to optimise
+        optim_state = None if finished else load_file(str(path / "optimizer.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))["torch"]
     except Exception as e:  # noqa: BLE001 - truncated or damaged files: SafetensorError, JSON, OSError
         raise RuntimeError(f"{path}: damaged checkpoint ({type(e).__name__}: {e}); delete that folder "
@@ -84,7 +90,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, schedul
     if missing or unexpected:
         raise RuntimeError(f"{path}: checkpoint does not match the model (missing {sorted(missing)[:5]}, "
                            f"unexpected {sorted(unexpected)[:5]}); was the config changed?")
-    optimizer.load_state_dict(_optimizer_state(optim_state, meta["optimizer"]))
+    if optim_state is not None:
+        optimizer.load_state_dict(_optimizer_state(optim_state, meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(rng)
     return {"step": meta["step"], **meta["trainer"]}

@@ -39,6 +39,8 @@ class TrainConfig:
     seed: int = 0
     ckpt_every: int = 200
     keep_checkpoints: int = 2
+    extendable: bool = False          # the final checkpoint keeps the optimizer: a later call with a larger
+                                      # max_steps continues the run (efin's budgets); else only weights and state
     max_bad_steps: int = 5            # consecutive non-finite losses before aborting
     freeze: list[str] = field(default_factory=list)     # fnmatch patterns on parameter names
     unfreeze: list[str] = field(default_factory=list)   # applied after freeze
@@ -208,7 +210,8 @@ def train(model: torch.nn.Module, lengths: list[int], collate: Callable[[list[in
             if on_log is not None and rank == 0:
                 on_log(step, {"train_loss": loss_value, "lr": scheduler.get_last_lr()[0]})
         if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
-            save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, state, cfg.keep_checkpoints)
+            save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, state, cfg.keep_checkpoints,
+                            finished=step == cfg.max_steps and not cfg.extendable)
         if on_step is not None:
             on_step(step)
     bar.close()
