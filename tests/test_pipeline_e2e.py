@@ -392,3 +392,25 @@ def test_smoke_repro_runs_the_efin_study(smoke_repo: Path):
 def test_efin_notebook_rebuilds_the_table_from_mlflow(smoke_repo: Path, monkeypatch):
     outputs = executed_notebook_outputs("efin", smoke_repo, monkeypatch, ROOT / "notebooks")
     assert "table.csv matches the MLflow runs" in outputs and "Scaling law" in outputs
+
+
+# ------------------------------------------------------------------------------ dvc.yaml's top-level metrics and plots
+
+
+def test_top_level_metrics_and_plots_read_the_smoke_run(smoke_repo: Path):
+    """`dvc metrics show` parses every top-level metric file, and `dvc plots show` finds each table plot's x and
+    y columns in the smoke run's table.csv (a misnamed column would draw an empty chart, not fail)."""
+    top = yaml.safe_load((smoke_repo / "dvc.yaml").read_text())
+    (shown,) = json.loads(run(["dvc", "metrics", "show", "--json"], smoke_repo).stdout).values()
+    for path in top["metrics"]:
+        assert "error" not in shown["data"][path] and shown["data"][path]["data"], path
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], smoke_repo).stdout)
+    assert not plots.get("errors"), plots["errors"]
+    for entry in top["plots"]:
+        (path, spec), = (entry.items() if isinstance(entry, dict) else [(entry, None)])
+        if spec is None:  # an image
+            assert (smoke_repo / path).stat().st_size > 0, path
+            continue
+        (vega,) = plots["data"][path]
+        rows = vega["content"]["data"]["values"]
+        assert rows and all(r.get(spec["x"]) not in (None, "") and r.get(spec["y"]) for r in rows), (path, rows[:2])
