@@ -37,13 +37,15 @@ def test_check_keys():
 
 @pytest.mark.parametrize("stage, key", [("pretrain_aed", "init_from"), ("pretrain_llm_asr", "encoder_from"),
                                         ("pretrain_llm_asr", "lm_from")])
-def test_missing_pretrained_folder_names_the_param(tmp_path, stage, key):
+def test_missing_pretrained_folder_names_the_param(repo_params, tmp_path, stage, key):
     from asrlab.stages import pretrain
 
     out = tmp_path / "models" / "old"
     out.mkdir(parents=True)
     (out / "model.safetensors").write_bytes(b"previous")
-    params = {stage: {key: str(tmp_path / "nowhere"), "out_dir": str(out)}}
+    params = repo_params
+    params[stage].update({"encoder_from": None, "lm_from": None} if stage == "pretrain_llm_asr" else {})
+    params[stage].update({key: str(tmp_path / "nowhere"), "out_dir": str(out)})
     with pytest.raises(FileNotFoundError, match=rf"`{stage}.{key}` in params.yaml is .*nowhere.*not a folder"):
         getattr(pretrain, stage)(params)
     assert (out / "model.safetensors").read_bytes() == b"previous"

@@ -91,16 +91,18 @@ def _kinds(hint) -> tuple:
     return (list, tuple) if kind is tuple else (kind,)
 
 
-def check_keys(section_params: dict, name: str, required: dict, optional: dict | None = None) -> dict:
+def check_keys(section_params: dict, name: str, required: dict, optional: dict | None = None,
+               folders: bool = True) -> dict:
     """Check a stage's section before the stage touches any output, nested dicts and lists included: every
     key known (a misspelt key names the nearest valid one), every required key present, each value of its
     schema's type, every :class:`Folder` present. A schema is a type (ints pass as floats, never bools), a
     tuple of types, ``[item]`` (a list), ``{str: value}`` (any names), ``{key: value}`` (``key?``: optional,
-    may be null), :class:`Maybe` or :class:`Folder`. ``optional``: more optional keys of the top level."""
+    may be null), :class:`Maybe` or :class:`Folder`. ``optional``: more optional keys of the top level;
+    ``folders=False``: leave out the folders' existence (before ``dvc repro``, which writes them)."""
     schema = {**required, **{f"{k}?": v for k, v in (optional or {}).items()}}
-    folders: list[tuple[str, str]] = []
-    _check(section_params, name, schema, folders)
-    for where, value in folders:  # after the whole section parsed: a typo elsewhere is reported first
+    found: list[tuple[str, str]] = []
+    _check(section_params, name, schema, found)
+    for where, value in found if folders else ():  # after the whole section parsed: a typo elsewhere is reported first
         if not Path(value).is_dir():
             raise FileNotFoundError(
                 f"`{where}` in params.yaml is {value!r}, which is not a folder ({Path(value).resolve()}): run the "
@@ -150,7 +152,7 @@ def _check(value, where: str, spec, folders: list) -> None:
 TOP = {"heldout_scenarios": [str], "threads": Maybe(int), "checkpoints_dir": str}  # top-level params stages read
 
 
-def checked(params: dict, name: str, schemas: dict, top: tuple[str, ...] = ()) -> dict:
+def checked(params: dict, name: str, schemas: dict, top: tuple[str, ...] = (), folders: bool = True) -> dict:
     """``params[name]`` checked against ``schemas[name]``, and the top-level params (those in ``top``
     required), before a stage reads or writes anything. Returns the section."""
     for key, spec in TOP.items():
@@ -160,7 +162,7 @@ def checked(params: dict, name: str, schemas: dict, top: tuple[str, ...] = ()) -
             near = difflib.get_close_matches(key, [str(k) for k in params], n=1)
             hint = f" (`{near[0]}` is not a param: misspelt?)" if near else ""
             raise KeyError(f"params.yaml: the top-level key `{key}` is missing{hint}; stage `{name}` reads it")
-    return check_keys(section(params, name), name, schemas[name])
+    return check_keys(section(params, name), name, schemas[name], folders=folders)
 
 
 def busy_cores(seconds: float = 0.5) -> float:
@@ -185,9 +187,10 @@ def _cpu_times() -> tuple[int, int]:
 
 
 def threads(requested: int | None = None) -> int:
-    """Torch threads for a stage: ``ASRLAB_THREADS`` if set (tests, CI), else ``requested``, else the cores
+    """Torch threads for a stage: the top-level param ``threads`` (``requested``) when set, else the cores
     other processes leave free now (:func:`busy_cores`): threads beyond the free cores spin against a busy
-    process (issue 18: 0.19 -> 4 s per step beside one other job on 2 cores)."""
+    process (issue 18: 0.19 -> 4 s per step beside one other job on 2 cores). ``ASRLAB_THREADS`` overrides
+    both: tests and CI pin one thread per process with it, whatever params.yaml says."""
     if os.environ.get("ASRLAB_THREADS"):
         return max(1, int(os.environ["ASRLAB_THREADS"]))
     if requested:
@@ -197,3 +200,13 @@ def threads(requested: int | None = None) -> int:
     if free < cores:
         print(f"[asrlab] {cores - free} of {cores} cores busy: {free} torch thread(s)")
     return free
+
+
+def set_threads(params: dict) -> int:
+    """What the CLI does once before a stage: torch's threads from ``params["threads"]`` (:func:`threads`)."""
+    import torch
+
+    _check(params.get("threads"), "threads", TOP["threads"], [])
+    n = threads(params.get("threads"))
+    torch.set_num_threads(n)
+    return n
