@@ -91,3 +91,20 @@ def test_prepare_misspelt_nested_key_names_section_and_nearest(make_params):
                                        "`max_per_split`"):
         prepare.run(params)
     assert not Path(params["prepare"]["out_dir"]).exists()  # nothing written
+
+
+def test_threads_param_is_set_once_by_the_cli_helper(monkeypatch):
+    import torch
+
+    from asrlab.params import set_threads
+
+    monkeypatch.delenv("ASRLAB_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        assert set_threads({"threads": 1}) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("ASRLAB_THREADS", "2")  # tests and CI override params.yaml
+        assert set_threads({"threads": 1}) == 2
+        with pytest.raises(ValueError, match=r"`threads` is 'two' \(str\); expected int"):
+            set_threads({"threads": "two"})
+    finally:
+        torch.set_num_threads(before)
