@@ -11,6 +11,7 @@ setup:
 	VENV=$(VENV) bash scripts/setup.sh
 
 repro: setup          ## dvc repro on the default profile
+	asrlab check   # every section of params.yaml, before dvc removes any output
 	dvc repro
 
 test: setup           ## the test suite (includes a smoke-profile dvc repro in a temporary copy)

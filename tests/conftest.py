@@ -93,6 +93,19 @@ def small_slurp(tmp_path_factory, slurp_dir) -> Path:
 
 
 @pytest.fixture
+def repo_params(tmp_path) -> dict:
+    """params.yaml with the smoke profile merged in, as the e2e test runs it; outputs under tmp_path."""
+    from asrlab.params import deep_merge, load_yaml
+
+    params = deep_merge(load_yaml(ROOT / "params.yaml"), load_yaml(ROOT / "experiments/profiles/smoke.yaml"))
+    for name, section in params.items():
+        for key in ("out_dir", "metrics", "stats", "results_dir"):
+            if isinstance(section, dict) and key in section:
+                section[key] = str(tmp_path / name / key)
+    return params
+
+
+@pytest.fixture
 def make_params(tmp_path, slurp_dir, so762_dir):
     """Params dict like params.yaml, with every output under tmp_path and real data as absolute paths."""
 

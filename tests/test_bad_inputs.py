@@ -278,3 +278,174 @@ def test_prepare_rejects_bad_transcripts_and_keeps_the_rest(make_params, tmp_pat
     assert "non-ASCII" in rejects["slurp-901"] and "non-ASCII" in rejects["lm-3"]
     assert stats["rejects"]["total"] == 4 and stats["recordings"] == {}
     assert json.loads(Path(params["prepare"]["stats"]).read_text())["rejects"]["total"] == 4
+
+
+# ------------------------------------------------------------------------------------------ issue 18: validate, then touch
+# Each case: the stage fails with a message saying what to fix, and the previous output is the same bytes.
+
+
+def _old_output(path: str | Path) -> tuple[Path, bytes]:
+    """A previous output (a file inside the stage's output folder) to check afterwards."""
+    f = Path(path) / "previous.bin"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_bytes(b"previous output")
+    return f, f.read_bytes()
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    *keys, last = dotted.split(".")
+    for k in keys:
+        d = d[int(k)] if isinstance(d, list) else d[k]
+    d[last] = value
+
+
+def _rename(d: dict, dotted: str, new: str) -> None:
+    *keys, last = dotted.split(".")
+    for k in keys:
+        d = d[int(k)] if isinstance(d, list) else d[k]
+    d[new] = d.pop(last)
+
+
+BAD_PARAMS = [  # (stage, function, edit, error, message): misspelt keys fell back to their defaults before
+    ("features", "features.run", lambda p: _rename(p, "features.shard_size", "shard_sise"), KeyError,
+     r"unknown key `shard_sise` in section `features`; did you mean `shard_size`"),
+    ("render", "render.run", lambda p: _rename(p, "render.sets.general.max_utterances", "max_utterance"), KeyError,
+     r"unknown key `max_utterance` in section `render.sets.general`; did you mean `max_utterances`"),
+    ("prepare", "prepare.run", lambda p: _rename(p, "prepare.speechocean.max_per_split", "max_per_splt"), KeyError,
+     r"unknown key `max_per_splt` in section `prepare.speechocean`; did you mean `max_per_split`"),
+    ("pretrain_llm_asr", "pretrain.pretrain_llm_asr", lambda p: _rename(p, "pretrain_llm_asr.encoder_from", "encoder_form"),
+     KeyError, r"unknown key `encoder_form` in section `pretrain_llm_asr`; did you mean `encoder_from`"),
+    ("pretrain_lm", "pretrain.pretrain_lm", lambda p: _rename(p, "heldout_scenarios", "heldout_scenario"), KeyError,
+     r"top-level key `heldout_scenarios` is missing \(`heldout_scenario` is not a param: misspelt\?\)"),
+    ("render", "render.run", lambda p: _rename(p, "heldout_scenarios", "heldout_scenarois"), KeyError,
+     r"top-level key `heldout_scenarios` is missing"),
+    ("pretrain_aed", "pretrain.pretrain_aed", lambda p: p["pretrain_aed"].pop("model"), KeyError,
+     r"section `pretrain_aed` is missing the required key `model`"),
+    ("pretrain_aed", "pretrain.pretrain_aed", lambda p: _set(p, "pretrain_aed.train.lr", "2e-3"), ValueError,  # PyYAML 1.1's
+     r"`pretrain_aed.train.lr` is '2e-3' \(str\); expected float"),
+    ("pretrain_aed", "pretrain.pretrain_aed", lambda p: _set(p, "pretrain_aed.model.encoder.layers", 2.5), ValueError,
+     r"`pretrain_aed.model.encoder.layers` is 2.5 \(float\); expected int"),
+    ("pretrain_aed", "pretrain.pretrain_aed", lambda p: _set(p, "pretrain_aed.init_from", "models/nowhere"), FileNotFoundError,
+     r"`pretrain_aed.init_from` in params.yaml is 'models/nowhere', which is not a folder"),
+    ("efin", "efin.train_all", lambda p: _set(p, "efin.lm_from", "models/no_lm"), FileNotFoundError,
+     r"`efin.lm_from` in params.yaml is 'models/no_lm', which is not a folder"),
+    ("hdmole", "hdmole.run_systems", lambda p: _rename(p, "hdmole.systems.1.lr", "lr_"), KeyError,
+     r"unknown key `lr_` in section `hdmole.systems\[1\]`; did you mean `lr`"),
+    ("syn2real", "syn2real.finetune", lambda p: _rename(p, "syn2real.finetune.target_lr_scale", "target_lr_scal"), KeyError,
+     r"unknown key `target_lr_scal` in section `syn2real.finetune`; did you mean `target_lr_scale`"),
+    ("soft_tokens", "soft_tokens.kmeans", lambda p: _rename(p, "soft_tokens.kmeans.max_iter", "max_iters"), KeyError,
+     r"unknown key `max_iters` in section `soft_tokens.kmeans`; did you mean `max_iter`"),
+    ("eval_base", "eval_base.run", lambda p: _set(p, "eval_base.models.aed.path", "models/gone"), FileNotFoundError,
+     r"`eval_base.models.aed.path` in params.yaml is 'models/gone', which is not a folder"),
+    ("tokenizer", "tokenizer.run", lambda p: _set(p, "tokenizer.vocab_size", "500"), ValueError,
+     r"`tokenizer.vocab_size` is '500' \(str\); expected int"),
+    ("import_whisper", "import_whisper.run", lambda p: _rename(p, "import_whisper.check.max_wer", "max_werr"), KeyError,
+     r"unknown key `max_werr` in section `import_whisper.check`; did you mean `max_wer`"),
+]
+
+
+@pytest.mark.parametrize("section, stage, edit, error, message", BAD_PARAMS,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_PARAMS)])
+def test_bad_param_fails_before_any_output_is_touched(repo_params, monkeypatch, tmp_path, section, stage, edit,
+                                                      error, message):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("models/whisper", "models/base_aed", "models/base_lm", "models/scratch_aed",
+                   "models/base_llm_asr"):  # the pretrained models the sections name exist
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    params = repo_params
+    section_params = params[section]
+    out_key = next(k for k in ("out_dir", "results_dir") if k in section_params)
+    old, before = _old_output(section_params[out_key])
+    edit(params)
+    module, function = stage.split(".")
+    with pytest.raises(error, match=message):
+        getattr(importlib.import_module(f"asrlab.stages.{module}"), function)(params)
+    assert old.read_bytes() == before
+
+
+def test_committed_params_and_profiles_pass_the_check(repo_params):
+    from asrlab.params import deep_merge, load_yaml
+
+    from asrlab.cli import check_all
+
+    root = Path(__file__).resolve().parents[1]
+    base = load_yaml(root / "params.yaml")
+    for profile in ("smoke", "paper"):
+        assert len(check_all(deep_merge(base, load_yaml(root / f"experiments/profiles/{profile}.yaml")))) >= 16
+    base["heldout_scenaros"] = base.pop("heldout_scenarios")
+    with pytest.raises(KeyError, match="unknown top-level key `heldout_scenaros`; did you mean `heldout_scenarios`"):
+        check_all(base)
+
+
+def test_cli_check_and_stage_errors_are_one_clean_line(repo_params, tmp_path, capsys):
+    pfile = tmp_path / "params.yaml"
+    repo_params["features"]["shard_sise"] = repo_params["features"].pop("shard_size")
+    pfile.write_text(yaml.safe_dump(repo_params))
+    assert cli.main(["--params", str(pfile), "check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("asrlab check: error: params.yaml: unknown key `shard_sise` in section `features`; did "
+                          "you mean `shard_size`?") and "Traceback" not in err and "\"" not in err and "'" not in err
+
+
+def test_invalid_yaml_is_file_line_column_not_a_traceback(make_params, tmp_path, capsys):
+    params = make_params()
+    old, before = _old_output(params["features"]["out_dir"])
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params) + "features: [oops\n")
+    for command in (["features"], ["check"], ["profile", "smoke", "--profiles-dir", str(tmp_path)]):
+        (tmp_path / "smoke.yaml").write_text("features: {hop: 160}\n")
+        assert cli.main(["--params", str(pfile), *command]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {pfile}:" in err and ": invalid YAML:" in err and "Traceback" not in err, command
+    assert old.read_bytes() == before
+
+
+def test_a_key_no_schema_covers_is_said_as_a_missing_param(make_params, tmp_path, capsys):
+    params = make_params()
+    del params["render"]  # features reads render.out_dir
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params))
+    assert cli.main(["--params", str(pfile), "features"]) == 2
+    assert "asrlab features: error: params.yaml: missing param `render` (the stage reads it)" in capsys.readouterr().err
+
+
+def test_truncated_model_folder_names_the_folder_to_delete(tmp_path):
+    from asrlab.models import store
+    from asrlab.models.aed import AEDConfig, AEDModel
+    from asrlab.models.encoder import EncoderConfig
+
+    model = AEDModel.from_config(AEDConfig(vocab_size=12, encoder=EncoderConfig(
+        d_model=8, layers=1, heads=2, ffn_dim=16, max_source_positions=20), decoder_layers=1, decoder_heads=2,
+        max_target_positions=8))
+    store.save(model, "aed", tmp_path / "aed")
+    weights = tmp_path / "aed" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(RuntimeError, match=rf"{tmp_path / 'aed'}: damaged model folder \(SafetensorError.*"
+                                           rf"rm -r {tmp_path / 'aed'}"):
+        store.load(tmp_path / "aed")
+
+
+def test_checkpoints_and_feature_shards_are_group_readable(tmp_path):
+    import os
+
+    import torch
+
+    from asrlab.io import atomic_dir
+    from asrlab.training.checkpoint import save_checkpoint
+    from safetensors.torch import save_file
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "ckpt", 1, model, opt, sched, {})
+        with atomic_dir(tmp_path / "features") as d:
+            save_file({"x": torch.zeros(2)}, str(d / "shard-00000.safetensors"))
+    finally:
+        os.umask(old)
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert {f.name for f in files} >= {"model.safetensors", "optimizer.safetensors", "shard-00000.safetensors"}
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {"0o644"}

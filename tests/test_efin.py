@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from asrlab.methods.efin import (EFINModel, GROUPS, fit_scaling_law, flops_of, flops_to_reach, interp_loglog,
@@ -17,9 +16,10 @@ from asrlab.methods.efin import (EFINModel, GROUPS, fit_scaling_law, flops_of, f
 from asrlab.models.encoder import EncoderConfig
 from asrlab.models.llm_asr import LLMASR, LLMASRConfig, LMConfig, LoRASettings
 from asrlab.stages import efin as efin_stage
+from asrlab.params import load_yaml  # YAML 1.2 floats, as DVC reads params
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())["efin"]
+PARAMS = load_yaml(ROOT / "params.yaml")["efin"]
 CHARS = 8
 
 

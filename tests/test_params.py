@@ -37,13 +37,15 @@ def test_check_keys():
 
 @pytest.mark.parametrize("stage, key", [("pretrain_aed", "init_from"), ("pretrain_llm_asr", "encoder_from"),
                                         ("pretrain_llm_asr", "lm_from")])
-def test_missing_pretrained_folder_names_the_param(tmp_path, stage, key):
+def test_missing_pretrained_folder_names_the_param(repo_params, tmp_path, stage, key):
     from asrlab.stages import pretrain
 
     out = tmp_path / "models" / "old"
     out.mkdir(parents=True)
     (out / "model.safetensors").write_bytes(b"previous")
-    params = {stage: {key: str(tmp_path / "nowhere"), "out_dir": str(out)}}
+    params = repo_params
+    params[stage].update({"encoder_from": None, "lm_from": None} if stage == "pretrain_llm_asr" else {})
+    params[stage].update({key: str(tmp_path / "nowhere"), "out_dir": str(out)})
     with pytest.raises(FileNotFoundError, match=rf"`{stage}.{key}` in params.yaml is .*nowhere.*not a folder"):
         getattr(pretrain, stage)(params)
     assert (out / "model.safetensors").read_bytes() == b"previous"
@@ -89,3 +91,20 @@ def test_prepare_misspelt_nested_key_names_section_and_nearest(make_params):
                                        "`max_per_split`"):
         prepare.run(params)
     assert not Path(params["prepare"]["out_dir"]).exists()  # nothing written
+
+
+def test_threads_param_is_set_once_by_the_cli_helper(monkeypatch):
+    import torch
+
+    from asrlab.params import set_threads
+
+    monkeypatch.delenv("ASRLAB_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        assert set_threads({"threads": 1}) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("ASRLAB_THREADS", "2")  # tests and CI override params.yaml
+        assert set_threads({"threads": 1}) == 2
+        with pytest.raises(ValueError, match=r"`threads` is 'two' \(str\); expected int"):
+            set_threads({"threads": "two"})
+    finally:
+        torch.set_num_threads(before)

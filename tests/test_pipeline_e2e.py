@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from asrlab.params import load_yaml  # YAML 1.2 floats, as DVC reads params
 
 from ci_policy import skip_or_fail
 
@@ -59,7 +60,7 @@ def smoke_repo(tmp_path_factory):
     run(["dvc", "init", "-q"], repo)
     run(["dvc", "config", "cache.type", "reflink,hardlink,copy"], repo)  # as the repository's .dvc/config
     run(["asrlab", "profile", "smoke"], repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = load_yaml(repo / "params.yaml")
     # The data path is a param: point it at the shared data from wherever the copy lives.
     params["prepare"]["slurp"]["text_dir"] = str(SHARED_DATA / "slurp")
     params["prepare"]["slurp"]["lm_text"] = str(SHARED_DATA / "slurp" / "lm.txt")
@@ -193,7 +194,7 @@ def test_second_repro_is_a_noop(smoke_repo: Path):
 def test_smoke_repro_runs_the_soft_tokens_study(smoke_repo: Path):
     import mlflow
 
-    p = yaml.safe_load((smoke_repo / "params.yaml").read_text())["soft_tokens"]
+    p = load_yaml(smoke_repo / "params.yaml")["soft_tokens"]
     ks, seeds = p["kmeans"]["ks"], p["downstream"]["seeds"]
     res = smoke_repo / "results/soft_tokens"
     for k in ks:
@@ -271,7 +272,7 @@ def test_ddp_training_matches_one_process(smoke_repo: Path, tmp_path):
     losses, summaries = {}, {}
     for name, launcher, scale in (("ddp", ["torchrun", "--standalone", "--nproc_per_node", "2", "-m"], 1),
                                   ("single", [sys.executable, "-m"], 2)):
-        p = yaml.safe_load((smoke_repo / "params.yaml").read_text())
+        p = load_yaml(smoke_repo / "params.yaml")
         p["checkpoints_dir"] = str(tmp_path / name / "checkpoints")
         p["pretrain_aed"].update(out_dir=str(tmp_path / name / "model"), metrics=str(tmp_path / name / "m.json"))
         p["pretrain_aed"]["train"].update(max_frames=scale * p["pretrain_aed"]["train"]["max_frames"], log_every=1)
@@ -328,7 +329,7 @@ def test_smoke_repro_runs_the_hdmole_study(smoke_repo: Path):
     import mlflow
     import pandas as pd
 
-    p = yaml.safe_load((smoke_repo / "params.yaml").read_text())["hdmole"]
+    p = load_yaml(smoke_repo / "params.yaml")["hdmole"]
     res = smoke_repo / "results/hdmole"
     cache = json.loads((res / "cache.json").read_text())
     assert set(cache["sets"]) == {f"{s}/{d}" for s in ("train", "dev", "test") for d in p["domains"]} | {"test/standard"}
@@ -363,7 +364,7 @@ def test_hdmole_notebook_rebuilds_the_table_from_mlflow(smoke_repo: Path, monkey
 def test_smoke_repro_runs_the_efin_study(smoke_repo: Path):
     import mlflow
 
-    p = yaml.safe_load((smoke_repo / "params.yaml").read_text())["efin"]
+    p = load_yaml(smoke_repo / "params.yaml")["efin"]
     res = smoke_repo / "results/efin"
     evals = [json.loads(x) for x in (res / "evaluations.jsonl").read_text().splitlines()]
     budgets = p["budget_steps"] + [p["heldout_steps"]]

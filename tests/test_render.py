@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import yaml
 from datahelpers import prepared_rows, write_prepared
 
 from asrlab.audio import tts
 from asrlab.audio.tts import EngineUnavailable, SynthesisError
 from asrlab.io import read_jsonl, stable_hash
 from asrlab.stages import features, render
+from asrlab.params import load_yaml  # YAML 1.2 floats, as DVC reads params
 from ci_policy import skip_or_fail
 
 TEXTS = ["wake me up at six", "turn the lights off", "what is the weather", "play some jazz"]
@@ -147,7 +147,7 @@ def test_one_bad_utterance_lands_in_rejects(make_params, monkeypatch, workers):
 
 
 # The neural pool as params.yaml declares it (Piper from PyPI: no Debian engine needed, so no tts marker)
-NEURAL = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["render"]["pools"][
+NEURAL = load_yaml(Path(__file__).resolve().parents[1] / "params.yaml")["render"]["pools"][
     "synthetic_neural"]
 
 

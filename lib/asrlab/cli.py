@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from asrlab import workers
-from asrlab.params import deep_merge, load_params, load_yaml
+from asrlab.params import TOP, checked, deep_merge, load_params, load_yaml, set_threads
 
 STAGES = {  # command -> (module, function)
     "prepare": ("prepare", "run"), "render": ("render", "run"), "features": ("features", "run"),
@@ -49,6 +50,34 @@ def _profile(args) -> None:
     print(f"wrote {args.out or args.params} = {args.params} + {override}")
 
 
+def check_all(params: dict) -> list[str]:
+    """``asrlab check``: every section against its stage's schema, and no unknown top-level key, in one go
+    (a stage checks its own section when it starts, but ``dvc repro`` removes a stage's outputs before its
+    command runs: run this first). Returns the sections checked."""
+    schemas = dict(workers.SCHEMA)
+    for module in {m for m, _ in STAGES.values()}:
+        schemas.update(getattr(importlib.import_module(f"asrlab.stages.{module}"), "SCHEMA", {}))
+    known = sorted({*schemas, *TOP})
+    for key in params:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean `{near[0]}`?" if near else f"; valid: {', '.join(known)}"
+            raise KeyError(f"params.yaml: unknown top-level key `{key}`{hint}")
+    for name in sorted(schemas):
+        if name in params:
+            checked(params, name, schemas, top=("heldout_scenarios",), folders=False)
+    return sorted(n for n in schemas if n in params)
+
+
+def _message(e: Exception) -> str:
+    """A KeyError's text without repr quotes; a bare key (a lookup no schema covered) said as a missing param."""
+    if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str):
+        text = e.args[0]
+        return text if " " in text else (f"params.yaml: missing param `{text}` (the stage reads it); compare "
+                                         "your params.yaml with the repository's")
+    return str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="asrlab", description=__doc__)
@@ -60,24 +89,41 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("name")
     prof.add_argument("--profiles-dir", default="experiments/profiles")
     prof.add_argument("--out", help="write here instead of over --params")
+    sub.add_parser("check", help="check every section of the params file (run before `dvc repro`)")
     workers.add_arguments(sub.add_parser("sweep", help="a sweep worker: run trials of a study's Optuna sweeps"))
     args = parser.parse_args(argv)
 
+    errors = (FileNotFoundError, ValueError, KeyError, RuntimeError)
     if args.command == "profile":
-        _profile(args)
+        try:
+            _profile(args)
+        except errors as e:
+            print(f"asrlab profile: error: {_message(e)}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "check":
+        try:
+            sections = check_all(load_params(args.params))
+        except errors as e:
+            print(f"asrlab check: error: {_message(e)}", file=sys.stderr)
+            return 2
+        print(f"{args.params}: {len(sections)} sections valid")
         return 0
     if args.command == "sweep":  # many workers, processes or machines share one study (asrlab.workers)
         try:
             return workers.main(args, args.params)
-        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-            print(f"asrlab sweep: error: {e}", file=sys.stderr)
+        except errors as e:
+            print(f"asrlab sweep: error: {_message(e)}", file=sys.stderr)
             return 2
     try:
         module, function = STAGES[args.command]
         os.environ["ASRLAB_STAGE"] = args.command  # MLflow runs record the DVC stage
-        getattr(importlib.import_module(f"asrlab.stages.{module}"), function)(load_params(args.params))
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-        print(f"asrlab {args.command}: error: {e}", file=sys.stderr)
+        params = load_params(args.params)
+        stage = getattr(importlib.import_module(f"asrlab.stages.{module}"), function)
+        set_threads(params)
+        stage(params)
+    except errors as e:
+        print(f"asrlab {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import os
 import re
 import time
+import types
+import typing
 from pathlib import Path
 
 import yaml
@@ -57,27 +60,109 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def check_keys(section_params: dict, name: str, required: dict, optional: dict | None = None) -> dict:
-    """Check a stage's section before the stage touches any output: every key known, every required key
-    present, each value of its declared type (``{key: type}``; ints are accepted where floats are)."""
-    optional = optional or {}
-    known = {**required, **optional}
-    for key in section_params:
-        if key not in known:
-            near = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean `{near[0]}`?" if near else f"; valid keys: {', '.join(sorted(known))}"
-            raise KeyError(f"params.yaml: unknown key `{key}` in section `{name}`{hint}")
-    for key in required:
-        if key not in section_params:
-            raise KeyError(f"params.yaml: section `{name}` is missing the required key `{key}`")
-    for key, value in section_params.items():
-        kind = known[key]
-        ok = value is None and key in optional or isinstance(value, kind) and not (
-            isinstance(value, bool) and kind in (int, float)) or (kind is float and type(value) is int)
-        if not ok:
-            raise ValueError(f"params.yaml: `{name}.{key}` is {value!r} ({type(value).__name__}); "
-                             f"expected {getattr(kind, '__name__', kind)}")
+class Maybe:
+    """Schema: a value of ``spec``, or null."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+
+class Folder:
+    """Schema: a string naming a folder that must exist before the stage starts (a pretrained model)."""
+
+
+def fields(cls, *drop: str, **override) -> dict:
+    """A dataclass's fields as a schema of optional keys (``name?``), typed by its annotations; nested
+    dataclasses (or null) become nested schemas. ``drop``: fields the code sets, not params; ``override``
+    replaces or adds entries."""
+    hints, out = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        nested = [a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)]
+        out[f"{f.name}?"] = fields(nested[0]) if nested else _kinds(hint)
+    return {k: v for k, v in {**out, **{f"{k}?": v for k, v in override.items()}}.items() if k[:-1] not in drop}
+
+
+def _kinds(hint) -> tuple:
+    """``int | None`` -> (int, NoneType); ``list[str]`` -> (list,); ``tuple[str, ...]`` -> (list, tuple)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(k for a in typing.get_args(hint) for k in _kinds(a))
+    kind = typing.get_origin(hint) or hint
+    return (list, tuple) if kind is tuple else (kind,)
+
+
+def check_keys(section_params: dict, name: str, required: dict, optional: dict | None = None,
+               folders: bool = True) -> dict:
+    """Check a stage's section before the stage touches any output, nested dicts and lists included: every
+    key known (a misspelt key names the nearest valid one), every required key present, each value of its
+    schema's type, every :class:`Folder` present. A schema is a type (ints pass as floats, never bools), a
+    tuple of types, ``[item]`` (a list), ``{str: value}`` (any names), ``{key: value}`` (``key?``: optional,
+    may be null), :class:`Maybe` or :class:`Folder`. ``optional``: more optional keys of the top level;
+    ``folders=False``: leave out the folders' existence (before ``dvc repro``, which writes them)."""
+    schema = {**required, **{f"{k}?": v for k, v in (optional or {}).items()}}
+    found: list[tuple[str, str]] = []
+    _check(section_params, name, schema, found)
+    for where, value in found if folders else ():  # after the whole section parsed: a typo elsewhere is reported first
+        if not Path(value).is_dir():
+            raise FileNotFoundError(
+                f"`{where}` in params.yaml is {value!r}, which is not a folder ({Path(value).resolve()}): run the "
+                f"stage that writes it (`dvc repro` it) or point `{where.rsplit('.', 1)[-1]}` at a local model "
+                "folder")
     return section_params
+
+
+def _check(value, where: str, spec, folders: list) -> None:
+    if isinstance(spec, Maybe):
+        if value is not None:
+            _check(value, where, spec.spec, folders)
+    elif spec is Folder:
+        _check(value, where, str, folders)
+        folders.append((where, value))
+    elif isinstance(spec, list):
+        _check(value, where, list, folders)
+        for i, item in enumerate(value):
+            _check(item, f"{where}[{i}]", spec[0], folders)
+    elif isinstance(spec, dict) and list(spec) == [str]:
+        _check(value, where, dict, folders)
+        for k, v in value.items():
+            _check(v, f"{where}.{k}", spec[str], folders)
+    elif isinstance(spec, dict):
+        _check(value, where, dict, folders)
+        known = {k.rstrip("?"): k for k in spec}
+        for key in value:
+            if key not in known:
+                near = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"; did you mean `{near[0]}`?" if near else f"; valid keys: {', '.join(sorted(known))}"
+                raise KeyError(f"params.yaml: unknown key `{key}` in section `{where}`{hint}")
+        for key, k in known.items():
+            if key not in value and not k.endswith("?"):
+                raise KeyError(f"params.yaml: section `{where}` is missing the required key `{key}`")
+        for key, v in value.items():
+            if not (v is None and known[key].endswith("?")):
+                _check(v, f"{where}.{key}", spec[known[key]], folders)
+    else:
+        kinds = spec if isinstance(spec, tuple) else (spec,)
+        ok = any(k is object or isinstance(value, k) and not (isinstance(value, bool) and k in (int, float))
+                 or k is float and type(value) is int for k in kinds)
+        if not ok:
+            expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise ValueError(f"params.yaml: `{where}` is {value!r} ({type(value).__name__}); expected {expected}")
+
+
+TOP = {"heldout_scenarios": [str], "threads": Maybe(int), "checkpoints_dir": str}  # top-level params stages read
+
+
+def checked(params: dict, name: str, schemas: dict, top: tuple[str, ...] = (), folders: bool = True) -> dict:
+    """``params[name]`` checked against ``schemas[name]``, and the top-level params (those in ``top``
+    required), before a stage reads or writes anything. Returns the section."""
+    for key, spec in TOP.items():
+        if key in params:
+            _check(params[key], key, spec, [])
+        elif key in top:
+            near = difflib.get_close_matches(key, [str(k) for k in params], n=1)
+            hint = f" (`{near[0]}` is not a param: misspelt?)" if near else ""
+            raise KeyError(f"params.yaml: the top-level key `{key}` is missing{hint}; stage `{name}` reads it")
+    return check_keys(section(params, name), name, schemas[name], folders=folders)
 
 
 def busy_cores(seconds: float = 0.5) -> float:
@@ -102,9 +187,10 @@ def _cpu_times() -> tuple[int, int]:
 
 
 def threads(requested: int | None = None) -> int:
-    """Torch threads for a stage: ``ASRLAB_THREADS`` if set (tests, CI), else ``requested``, else the cores
+    """Torch threads for a stage: the top-level param ``threads`` (``requested``) when set, else the cores
     other processes leave free now (:func:`busy_cores`): threads beyond the free cores spin against a busy
-    process (issue 18: 0.19 -> 4 s per step beside one other job on 2 cores)."""
+    process (issue 18: 0.19 -> 4 s per step beside one other job on 2 cores). ``ASRLAB_THREADS`` overrides
+    both: tests and CI pin one thread per process with it, whatever params.yaml says."""
     if os.environ.get("ASRLAB_THREADS"):
         return max(1, int(os.environ["ASRLAB_THREADS"]))
     if requested:
@@ -114,3 +200,13 @@ def threads(requested: int | None = None) -> int:
     if free < cores:
         print(f"[asrlab] {cores - free} of {cores} cores busy: {free} torch thread(s)")
     return free
+
+
+def set_threads(params: dict) -> int:
+    """What the CLI does once before a stage: torch's threads from ``params["threads"]`` (:func:`threads`)."""
+    import torch
+
+    _check(params.get("threads"), "threads", TOP["threads"], [])
+    n = threads(params.get("threads"))
+    torch.set_num_threads(n)
+    return n

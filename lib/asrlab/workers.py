@@ -55,12 +55,17 @@ def syn2real_sweeps(params: dict) -> Iterator[Sweep]:
             yield Sweep(ls.name, ls.label, objective, ctx.p["sweep"]["trials"], ls.kwargs)
 
 
+SCHEMA = {"sweep_check": {"trials": int, "trial_seconds": float}}
+
+
 def check_sweeps(params: dict) -> Iterator[Sweep]:
     """``asrlab sweep check``: one sweep of a synthetic objective that only waits ``trial_seconds`` — to try
     a new storage, tracking server or fleet of workers before spending compute (and to test them)."""
     import time
 
-    p = params["sweep_check"]
+    from asrlab.params import checked
+
+    p = checked(params, "sweep_check", SCHEMA)
 
     def objective() -> Objective:
         def trial_fn(trial):
@@ -151,7 +156,7 @@ def add_arguments(parser) -> None:
 
 def main(args, params_path: str) -> int:
     """The ``asrlab sweep`` command."""
-    from asrlab.params import load_params
+    from asrlab.params import load_params, set_threads
 
     if args.storage:
         os.environ["OPTUNA_STORAGE"] = args.storage  # inherited by spawned workers
@@ -163,6 +168,8 @@ def main(args, params_path: str) -> int:
             if value is not None:
                 argv += [flag, str(value)]
         return spawn(argv, args.workers, args.worker_index)
-    work(args.study, load_params(Path(params_path)), args.trials, args.only, args.worker_index,
+    params = load_params(Path(params_path))
+    set_threads(params)
+    work(args.study, params, args.trials, args.only, args.worker_index,
          args.heartbeat, args.grace)
     return 0

@@ -6,12 +6,12 @@ import copy
 
 import pandas as pd
 import pytest
-import yaml
 
 from asrlab.stages.syn2real import groups_of, plan, pool_seeds, sentence, source_sets
 from asrlab.stages.syn2real_report import table
+from asrlab.params import load_yaml  # YAML 1.2 floats, as DVC reads params
 
-P = yaml.safe_load(open("params.yaml"))["syn2real"]
+P = load_yaml("params.yaml")["syn2real"]
 SCENARIOS = ["alarm", "calendar", "datetime", "general", "music", "play", "qa", "social", "weather"]
 
 

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -90,9 +91,18 @@ def save(model: torch.nn.Module, kind: str, path: str | Path, config=None, tok=N
 
 
 def load(path: str | Path) -> tuple[str, torch.nn.Module]:
+    """The model saved in folder ``path``; a truncated or damaged weights file is an error naming the folder."""
     path = Path(path)
     if not (path / META).is_file():
         raise FileNotFoundError(f"{path}: not a saved asrlab model (no {META}); run the stage that trains it")
+    try:
+        return _load(path)
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise RuntimeError(f"{path}: damaged model folder ({type(e).__name__}: {e}); delete it (rm -r {path}) and "
+                           "rerun the stage that writes it (dvc repro -f <stage>)") from e
+
+
+def _load(path: Path) -> tuple[str, torch.nn.Module]:
     meta = json.loads((path / META).read_text())
     kind = meta["kind"]
     if kind == "aed":

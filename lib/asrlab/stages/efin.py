@@ -30,26 +30,33 @@ import torch
 import transformers
 
 from asrlab import evaluation, tracking
-from asrlab.params import threads
+from asrlab.params import Folder, checked, fields
 from asrlab.audio.features import FeatureStore
 from asrlab.io import read_jsonl, stable_hash, write_json, write_jsonl
 from asrlab.methods.efin import EFINModel, Fit, FlopCounter, Stage, Strategy, fit_scaling_law, parse_strategies
 from asrlab.models import store
 from asrlab.models.aed import AEDModel
 from asrlab.models.encoder import SpeechEncoder
-from asrlab.models.llm_asr import LLMASR
+from asrlab.models.llm_asr import LLMASR, LoRASettings
 from asrlab.training.batching import bucket_batches
 from asrlab.training.checkpoint import latest_checkpoint
-from asrlab.training.data import SpeechData, select
-from asrlab.training.trainer import TrainConfig, train
+from asrlab.training.data import SELECTION, SpeechData, select
+from asrlab.training.trainer import TRAIN, TrainConfig, train
+
+
+SCHEMA = {"efin": {  # efin_report reads it too; parse_strategies checks the strategies' values
+    "results_dir": str, "encoder_from": Folder, "lm_from": Folder, "max_tokens": int, "max_new_tokens": int,
+    "model": {"stack": int, "projector_hidden": int, "lora": fields(LoRASettings)},
+    "data": SELECTION, "eval_sets": {str: SELECTION}, "fit_on": {"set": str, "metric": str}, "train": TRAIN,
+    "budget_steps": [int], "heldout_steps": int, "overhead_batches": int, "stage3_train_encoder?": bool,
+    "strategies": {str: {"seeds": [int], "stages": [{"name": str, "objective": str, "train": [str], "steps?": int}]}}}}
 
 
 class Study:
     """Data, models and the per-run checkpoint layout of the efin study."""
 
     def __init__(self, params: dict):
-        self.params, self.p = params, params["efin"]
-        torch.set_num_threads(threads())
+        self.params, self.p = params, checked(params, "efin", SCHEMA)
         transformers.utils.logging.disable_progress_bar()
         self.strategies = parse_strategies(self.p)
         steps = list(self.p["budget_steps"])

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 from asrlab.io import read_jsonl, write_json, write_text
+from asrlab.params import checked
+from asrlab.stages.efin import SCHEMA
 from asrlab.methods.efin import Fit, fit_scaling_law, flops_to_reach, interp_loglog
 
 
@@ -160,7 +162,7 @@ def _json_safe(obj):
 
 
 def run(params: dict) -> dict:
-    p = params["efin"]
+    p = checked(params, "efin", SCHEMA)
     results = Path(p["results_dir"])
     evals = pd.DataFrame(read_jsonl(results / "evaluations.jsonl"))
     fits = json.loads((results / "fits.json").read_text())

@@ -9,8 +9,6 @@ and :class:`asrlab.training.data.SpeechData` read them unchanged and training sk
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,35 +16,35 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from asrlab.params import threads
+from asrlab.params import Folder, check_keys, checked
 from asrlab.audio.features import FeatureStore
-from asrlab.io import write_json, write_jsonl
+from asrlab.io import atomic_dir, write_json, write_jsonl
 from asrlab.models.batch import pad_features
 from asrlab.models.encoder import SpeechEncoder
 from asrlab.training.batching import bucket_batches
 from asrlab.training.data import select
 
 
+SCHEMA = {"encoder_states": {"out_dir": str, "metrics": str, "batch_frames": int, "shard_size": int}}
+
+
 def selections(params: dict, rows: list[dict]) -> list[dict]:
     """Every utterance pretrain_llm_asr trains or validates on (held-out scenarios excluded), once."""
-    p, heldout = params["pretrain_llm_asr"], params.get("heldout_scenarios", [])
+    p, heldout = params["pretrain_llm_asr"], params["heldout_scenarios"]
     chosen = {r["id"]: r for key in ("data", "dev") for r in select(rows, {**p[key], "exclude_scenarios": heldout})}
     return [chosen[k] for k in sorted(chosen)]
 
 
 def run(params: dict) -> dict:
-    p, t0 = params["encoder_states"], time.time()
-    torch.set_num_threads(threads())
+    p, t0 = checked(params, "encoder_states", SCHEMA, top=("heldout_scenarios",)), time.time()
     src = params["pretrain_llm_asr"]["encoder_from"]
     if not src:
         raise ValueError("pretrain_llm_asr.encoder_from is null: there is no pretrained encoder to cache")
+    check_keys({"encoder_from": src}, "pretrain_llm_asr", {"encoder_from": Folder})
     fs = FeatureStore(params["features"]["out_dir"])
     encoder = SpeechEncoder.from_pretrained(src).eval()
     rows = [r for r in selections(params, list(fs.rows.values())) if r["frames"] <= encoder.max_frames]
-    out = Path(p["out_dir"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # replaces out only when complete
-    try:
+    with atomic_dir(p["out_dir"]) as tmp:  # replaces out_dir only when complete
         index, shard, n_shards = [], {}, 0
 
         def flush():
@@ -72,11 +70,6 @@ def run(params: dict) -> dict:
                 bar.update(len(b))
         flush()
         write_jsonl(tmp / "index.jsonl", index)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     summary = {"encoder_from": src, "utterances": len(index), "shards": n_shards, "d_model": encoder.d_model,
                "frames": sum(r["frames"] for r in index), "wall_seconds": round(time.time() - t0, 1)}
     write_json(p["metrics"], summary)

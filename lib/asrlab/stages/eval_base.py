@@ -16,17 +16,21 @@ from pathlib import Path
 import torch
 
 from asrlab import tracking
-from asrlab.params import threads
+from asrlab.params import Folder, checked
 from asrlab.audio.features import FeatureStore
 from asrlab.evaluation import evaluate
 from asrlab.io import write_json, write_text
 from asrlab.models import store
-from asrlab.training.data import SpeechData, select
+from asrlab.training.data import SELECTION, SpeechData, select
+
+
+SCHEMA = {"eval_base": {
+    "out_dir": str, "metrics": str, "max_frames": int, "max_new_tokens": int, "precision?": str,
+    "models": {str: {"path": Folder, "decoding": [str], "window?": bool}}, "sets": {str: SELECTION}}}
 
 
 def run(params: dict) -> dict:
-    p = params["eval_base"]
-    torch.set_num_threads(threads())
+    p = checked(params, "eval_base", SCHEMA)
     fs = FeatureStore(params["features"]["out_dir"])
     rows = list(fs.rows.values())
     out_dir = Path(p["out_dir"])

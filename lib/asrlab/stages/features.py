@@ -22,9 +22,10 @@ from tqdm import tqdm
 from asrlab.audio.features import log_mel
 from asrlab.audio.io import BadAudio, load_audio
 from asrlab.io import atomic_dir, atomic_path, read_jsonl, write_json, write_jsonl
-from asrlab.params import check_keys
+from asrlab.params import checked
 
-KEYS = {"out_dir": str, "stats": str, "n_mels": int, "n_fft": int, "hop": int, "shard_size": int, "workers": int}
+SCHEMA = {"features": {"out_dir": str, "stats": str, "n_mels": int, "n_fft": int, "hop": int, "shard_size": int,
+                       "workers": int}}
 
 _CFG: dict = {}
 
@@ -49,7 +50,7 @@ def extract(row: dict):
 
 
 def run(params: dict) -> dict:
-    p = check_keys(params["features"], "features", KEYS)  # before any old output is removed
+    p = checked(params, "features", SCHEMA)  # before any old output is removed
     t0 = time.time()
     manifests = Path(params["render"]["out_dir"])
     if not manifests.is_dir():

@@ -29,15 +29,15 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 
 from asrlab import evaluation, sweep, tracking
-from asrlab.params import threads
+from asrlab.params import Folder, checked, fields
 from asrlab.audio.features import FeatureStore
 from asrlab.evaluation import Evaluation, error_rates, flat_metrics
-from asrlab.io import item_seed, stable_hash, write_json, write_jsonl
+from asrlab.io import make_readable, item_seed, stable_hash, write_json, write_jsonl
 from asrlab.methods.hdmole import AccentLLMASR, MoLEConfig, adapter_state, save_adapters
 from asrlab.models import store
 from asrlab.models.batch import pad_features, pad_tokens
 from asrlab.tokenizer import encode
-from asrlab.training.trainer import TrainConfig, train
+from asrlab.training.trainer import TRAIN, TrainConfig, train
 
 SPLITS = ("train", "dev", "test")
 STANDARD = "standard"
@@ -82,6 +82,18 @@ def _sample(rows: list[dict], n: int | None, seed: int) -> list[dict]:
     return rows
 
 
+SCHEMA = {"hdmole": {  # hdmole_report reads it too
+    "base": Folder, "cache_dir": str, "models_dir": str, "results_dir": str, "domains": [str],
+    "data": {"accent_pools": [str], "standard_pool": str, "dev_speakers": int, "train_per_domain": int,
+             "dev_per_domain": int, "test_per_domain": int, "seed": int},
+    "seeds": [int], "decode_max_frames": int, "train": TRAIN, "lora_targets": [str],
+    "mole": fields(MoLEConfig, "domains"),
+    "systems": [{"name": str, "kind": str, "tuned?": bool, "lr?": float, **fields(MoLEConfig, "domains")}],
+    "sweep": {"system": str, "trials": int, "startup_trials": int, "steps": int, "seed": int, "metric": str,
+              "rank": [int], "experts_per_domain": [int], "threshold_init": [float], "threshold_reg": [float],
+              "lr": [float], "enqueue?": [dict]}}}
+
+
 class CachedSet:
     """Cached encoder states of a selection, with token ids and accent ids; collates like ``SpeechData``."""
 
@@ -109,8 +121,7 @@ class CachedSet:
 
 class Context:
     def __init__(self, params: dict):
-        self.params, self.p = params, params["hdmole"]
-        torch.set_num_threads(threads())
+        self.params, self.p = params, checked(params, "hdmole", SCHEMA)
         transformers.utils.logging.disable_progress_bar()
         self.tok = store.tokenizer(self.p["base"])  # the LLM-ASR's own vocabulary: its LM's embeddings
         self.domains = list(self.p["domains"])
@@ -171,6 +182,7 @@ def cache(params: dict) -> dict:
         out = ctx.cache / key
         out.mkdir(parents=True, exist_ok=True)
         save_file({"states": torch.cat(states), "offsets": torch.tensor(offsets)}, str(out / "states.safetensors"))
+        make_readable(out)  # safetensors writes 0600
         cols = ("id", "text", "accent", "corpus", "pool", "split", "speaker", "scenario")
         (out / "rows.json").write_text(json.dumps([{c: r.get(c) for c in cols} for r in rows]))
         summary[key] = {"utterances": len(rows), "speakers": len({r["speaker"] for r in rows})}
@@ -342,6 +354,7 @@ def run_systems(params: dict) -> dict:
                         out.parent.mkdir(parents=True, exist_ok=True)
                         save_file({k: v.detach().contiguous() for k, v in model.named_parameters() if v.requires_grad},
                                   str(out))
+                    make_readable(out.parent)  # safetensors writes 0600
                 train_s = time.time() - t0
                 rec = {"system": name, "kind": system["kind"], "seed": seed, "trainable_params": n,
                        "trainable_pct": round(100 * n / full, 3), "steps": summary["steps"],

@@ -13,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from asrlab.io import read_jsonl, write_json, write_text
+from asrlab.params import checked
+from asrlab.stages.hdmole import SCHEMA
 
 STANDARD = "standard"
 
@@ -138,7 +140,7 @@ def records_from_mlflow(runs: pd.DataFrame, domains: list[str]) -> tuple[pd.Data
 
 
 def run(params: dict) -> dict:
-    p = params["hdmole"]
+    p = checked(params, "hdmole", SCHEMA)
     out = Path(p["results_dir"])
     domains = list(p["domains"])
     evals = pd.DataFrame(read_jsonl(out / "evaluations.jsonl"))

@@ -32,6 +32,7 @@ from asrlab.audio.features import log_mel
 from asrlab.audio.tts import get_engine
 from asrlab.evaluation import evaluate
 from asrlab.io import write_json
+from asrlab.params import checked
 from asrlab.models import store
 from asrlab.models.aed import AEDModel
 from asrlab.training.data import SpeechData
@@ -100,8 +101,13 @@ def check_set(check: dict) -> tuple[list[dict], _Memory]:
     return rows, _Memory(feats)
 
 
+SCHEMA = {"import_whisper": {
+    "source?": str, "package": str, "sha256?": str, "out_dir": str, "metrics": str,
+    "check": {"sentences": [str], "voices": {str: [str]}, "max_wer": float, "max_frames?": int}}}
+
+
 def run(params: dict) -> dict:
-    p, t0 = params["import_whisper"], time.time()
+    p, t0 = checked(params, "import_whisper", SCHEMA), time.time()
     check = p["check"]
     if not check.get("sentences") or not check.get("voices"):
         raise ValueError("import_whisper.check needs `sentences` and `voices` ({engine: [voice, …]})")

@@ -20,25 +20,19 @@ from asrlab.data import slurp
 from asrlab.data.speechocean import load_speechocean
 from asrlab.data.tagger import tag, train_tagger
 from asrlab.io import atomic_path, write_json, write_jsonl
-from asrlab.params import check_keys
+from asrlab.params import checked
 
-
-KEYS = {"seed": int, "out_dir": str, "stats": str, "slurp": dict, "tagger": dict, "lm_dev_sentences": int,
-        "speechocean": dict}
-
-
-def check_params(p: dict) -> dict:
-    """The whole `prepare` section, before anything is read or written (misspelt optional keys fell back to
-    defaults: `speechocean.max_per_split` misspelt read all 5,000 recordings)."""
-    check_keys(p, "prepare", KEYS)
-    check_keys(p["slurp"], "prepare.slurp", {"text_dir": str, "lm_text": str, "split": dict}, {"official_root": str})
-    check_keys(p["tagger"], "prepare.tagger", {"C": float, "path": str})
-    check_keys(p["speechocean"], "prepare.speechocean", {}, {"dir": str, "max_per_split": int})  # dir null: tests only
-    return p
+# Checked whole before anything is read or written: a misspelt optional key fell back to its default
+# (`speechocean.max_per_split` misspelt read all 5,000 recordings). speechocean.dir null: tests only.
+SCHEMA = {"prepare": {
+    "seed": int, "out_dir": str, "stats": str, "lm_dev_sentences": int,
+    "slurp": {"text_dir": str, "lm_text": str, "official_root?": str, "split": {str: float}},
+    "tagger": {"C": float, "path": str},
+    "speechocean": {"dir?": str, "max_per_split?": int}}}
 
 
 def run(params: dict) -> dict:
-    p = check_params(params["prepare"])
+    p = checked(params, "prepare", SCHEMA)
     t0 = time.time()
     out = Path(p["out_dir"])
     rejects: list[dict] = []

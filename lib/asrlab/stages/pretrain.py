@@ -28,17 +28,18 @@ import mlflow
 import torch
 
 from asrlab import tracking
-from asrlab.params import threads
+from asrlab.params import Folder, check_keys, checked, fields
 from asrlab.audio.features import FeatureStore
 from asrlab.evaluation import evaluate
 from asrlab.io import read_jsonl, stable_hash, write_json
 from asrlab.models import store
-from asrlab.models.aed import AEDModel
+from asrlab.models.aed import AEDConfig, AEDModel
 from asrlab.models.encoder import CachedEncoder
 from asrlab.models.batch import pad_tokens
 from asrlab.tokenizer import encode, load_tokenizer
-from asrlab.training.data import SpeechData, select
-from asrlab.training.trainer import TrainConfig, distributed, train
+from asrlab.models.llm_asr import LLMASRConfig
+from asrlab.training.data import SELECTION, SpeechData, select
+from asrlab.training.trainer import TRAIN, TrainConfig, distributed, train
 
 
 def _ckpt_dir(params: dict, stage: str) -> Path:
@@ -55,21 +56,25 @@ def _ckpt_dir(params: dict, stage: str) -> Path:
     return Path(params.get("checkpoints_dir", "checkpoints")) / stage / stable_hash(p, inputs, n=12)
 
 
-def _check_model_folders(p: dict, stage: str) -> None:
-    """A pretrained model named in params must be a local folder: say which param, before any work."""
-    for key in ("init_from", "encoder_from", "lm_from"):
-        if p.get(key) and not Path(p[key]).is_dir():
-            raise FileNotFoundError(
-                f"`{stage}.{key}` in params.yaml is {p[key]!r}, which is not a folder ({Path(p[key]).resolve()}): "
-                f"run the stage that writes it (`dvc repro` it), point `{key}` at a local model folder, "
-                "or set it to null")
+# A pretrained model named in params (init_from, encoder_from, lm_from) must be a local folder (Folder):
+# a missing one was HF's "Repo id must be in the form..." or, for encoder_from, a random frozen encoder.
+_AED = {"out_dir": str, "metrics": str, "init_from?": Folder, "dev_every?": int, "data": SELECTION, "dev": SELECTION,
+        "model": fields(AEDConfig, "vocab_size"), "train": TRAIN}
+LLM_ASR_MODEL = fields(LLMASRConfig, "vocab_size", "lm_path")
+SCHEMA = {
+    "pretrain_aed": _AED, "pretrain_scratch_aed": _AED,
+    "pretrain_lm": {"out_dir": str, "metrics": str, "text": [str], "train": TRAIN},
+    "pretrain_llm_asr": {"out_dir": str, "metrics": str, "encoder_from?": Folder, "lm_from?": Folder,
+                         "cache_encoder?": bool, "dev_every?": int, "max_tokens": int, "data": SELECTION,
+                         "dev": SELECTION, "model": LLM_ASR_MODEL, "train": TRAIN},
+}
 
 
-def _setup(p: dict, stage: str) -> None:
-    """Threads, and the seed *before* any model is built, so random initialisation is reproducible."""
-    _check_model_folders(p, stage)
-    torch.set_num_threads(threads())
+def _setup(params: dict, stage: str) -> dict:
+    """The stage's params checked whole, and the seed *before* any model is built (reproducible initialisation)."""
+    p = checked(params, stage, SCHEMA, top=("heldout_scenarios",))
     torch.manual_seed(p["train"].get("seed", 0))
+    return p
 
 
 def _tracked(stage: str, params: dict, tags: dict):
@@ -90,7 +95,7 @@ def _speech(params: dict, stage: str, tok, max_frames: int, max_tokens: int, cha
     p = params[stage]
     fs = FeatureStore(params["features"]["out_dir"])
     rows = list(fs.rows.values())
-    heldout = params.get("heldout_scenarios", [])
+    heldout = params["heldout_scenarios"]
     spec = {**p["data"], "exclude_scenarios": heldout}
     train_data = SpeechData(select(rows, spec), fs, tok, max_frames, max_tokens, char_targets)
     dev_data = SpeechData(select(rows, {**p["dev"], "exclude_scenarios": heldout}), fs, tok, max_frames, max_tokens)
@@ -138,8 +143,7 @@ def _finish(params: dict, stage: str, model, kind: str, config, summary: dict, t
 
 
 def _aed(params: dict, stage: str) -> dict:
-    p, t0 = params[stage], time.time()
-    _setup(p, stage)
+    p, t0 = _setup(params, stage), time.time()
     m = p["model"]
     if p.get("init_from"):  # a pretrained Whisper with its own tokenizer, prompt and special ids
         tok = store.tokenizer(p["init_from"])
@@ -195,10 +199,11 @@ class CausalLMObjective(torch.nn.Module):
 
 
 def pretrain_lm(params: dict) -> dict:
-    stage, p, t0 = "pretrain_lm", params["pretrain_lm"], time.time()
-    _setup(p, stage)
+    stage, t0 = "pretrain_lm", time.time()
+    p = _setup(params, stage)
+    check_keys(params["pretrain_llm_asr"]["model"], "pretrain_llm_asr.model", LLM_ASR_MODEL)  # the LM's size
     tok = load_tokenizer(params["tokenizer"]["out_dir"])
-    heldout = set(params.get("heldout_scenarios", []))
+    heldout = set(params["heldout_scenarios"])
     prepared = Path(params["prepare"]["out_dir"])
     rows = [r for name in p["text"] for r in read_jsonl(prepared / f"{name}.jsonl")
             if r["split"] == "train" and r.get("scenario") not in heldout]
@@ -222,8 +227,8 @@ def pretrain_lm(params: dict) -> dict:
 
 
 def pretrain_llm_asr(params: dict) -> dict:
-    stage, p, t0 = "pretrain_llm_asr", params["pretrain_llm_asr"], time.time()
-    _setup(p, stage)
+    stage, t0 = "pretrain_llm_asr", time.time()
+    p = _setup(params, stage)
     tok = store.tokenizer(p["lm_from"]) if p.get("lm_from") else load_tokenizer(params["tokenizer"]["out_dir"])
     cfg = store.llm_asr_config(p["model"], len(tok), lm_path=p.get("lm_from"))
     model = store.build_llm_asr(cfg, encoder_from=p.get("encoder_from"))
@@ -233,7 +238,7 @@ def pretrain_llm_asr(params: dict) -> dict:
         if not any(fnmatch.fnmatch("encoder.x", pat) for pat in p["train"].get("freeze", [])):
             raise ValueError("pretrain_llm_asr.cache_encoder needs the encoder frozen (train.freeze: ['encoder.*'])")
         states = FeatureStore(params["encoder_states"]["out_dir"])
-        spec = {**p["data"], "exclude_scenarios": params.get("heldout_scenarios", [])}
+        spec = {**p["data"], "exclude_scenarios": params["heldout_scenarios"]}
         train_data = SpeechData(select(list(states.rows.values()), spec), states, tok, None, p["max_tokens"])
         model.encoder = CachedEncoder(encoder.d_model)
     with _tracked(stage, {**p["train"], "encoder_from": p.get("encoder_from"), "lm_from": p.get("lm_from"),

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from asrlab.audio import channel as channel_mod
 from asrlab.audio.tts import ENGINES, SAMPLE_RATE, EngineUnavailable, SynthesisError, get_engine
 from asrlab.data.slurp import check_scenarios
+from asrlab.params import checked
 from asrlab.io import atomic_path, item_seed, read_jsonl, stable_hash, write_json, write_jsonl
 
 
@@ -138,10 +139,18 @@ def select(rows: list[dict], spec: dict, heldout: list[str], seed: int, name: st
     return sorted(rows, key=lambda r: r["id"])
 
 
+POOL = {"engine": str, "voices?": [str], "domains?": {str: [str]}, "accent?": str, "rate": [int], "pitch": [int],
+        "channel?": dict, **{f"{k}?": [float] for e in ENGINES.values() for k in e.options}}  # channel: ChannelConfig
+SET = {"source": str, "pools": [str], "splits?": [str], "scenarios?": [str], "exclude_heldout?": bool,
+       "only_heldout?": bool, "max_utterances?": int}
+SCHEMA = {"render": {"seed": int, "workers": int, "out_dir": str, "cache_dir": str, "stats": str,
+                     "pools": {str: POOL}, "sets": {str: SET}}}
+
+
 def run(params: dict) -> dict:
-    p = params["render"]
+    p = checked(params, "render", SCHEMA, top=("heldout_scenarios",))
     t0 = time.time()
-    heldout = params.get("heldout_scenarios", [])
+    heldout = params["heldout_scenarios"]
     check_scenarios(heldout, "heldout_scenarios")
     prepared = Path(params["prepare"]["out_dir"])
     out, cache_dir = Path(p["out_dir"]), Path(p["cache_dir"])

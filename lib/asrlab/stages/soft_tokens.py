@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from threadpoolctl import threadpool_limits
 
 from asrlab import evaluation, tracking
-from asrlab.params import threads
+from asrlab.params import checked, fields
 from asrlab.audio.features import FeatureStore
 from asrlab.io import atomic_path, stable_hash, write_json
 from asrlab.methods.soft_tokens import fit_kmeans
@@ -34,14 +34,29 @@ from asrlab.ssl.downstream import DownstreamConfig, DownstreamCTC
 from asrlab.ssl import upstream
 from asrlab.ssl.hubert import HubertUpstream, UpstreamConfig, mfcc, stack_frames
 from asrlab.ssl.layerdata import LayerSet, save_set
-from asrlab.training.data import select
-from asrlab.training.trainer import TrainConfig, train
+from asrlab.training.data import SELECTION, select
+from asrlab.training.trainer import TRAIN, TrainConfig, train
 
 EXPERIMENT = "soft_tokens"
 
 
-def _threads() -> None:
-    torch.set_num_threads(threads())
+_DOWNSTREAM = fields(DownstreamConfig, "input", "n_tokens", "feature_dim", "vocab_size")
+SCHEMA = {"soft_tokens": {  # soft_tokens_eval's stages read it too
+    "out_dir": str, "layer_dir": str, "results_dir": str,
+    "upstream": {"kind": str, "from": str, "layer?": int, "batch_frames?": int},
+    "probe": {"layers?": [int], "data": {"train": SELECTION, "dev": SELECTION}, "model": _DOWNSTREAM, "train": TRAIN,
+              "decode_frames?": int},
+    "ssl": {"data": SELECTION, "mfcc_kmeans": {"k": int, "frames": int, "seed": int},
+            "model": fields(UpstreamConfig, "n_targets"), "train": TRAIN},
+    "sets": {"train": SELECTION, "dev": {str: SELECTION}, "test": {str: SELECTION}},
+    "kmeans": {"ks": [int], "frames": int, "batch_size?": int, "max_iter?": int, "seed": int},
+    "downstream": {"seeds": [int], "train_soft_tau?": float, "top_k?": int, "model": _DOWNSTREAM, "train": TRAIN},
+    "sweep": {"tau_range": [float], "grid_points": int, "n_trials": int, "metric?": str, "top_k?": int, "seed?": int},
+    "phones": {"sets": [str], "max_utterances": int, "probe_max_iter": int}}}
+
+
+def _section(params: dict) -> dict:
+    return checked(params, "soft_tokens", SCHEMA)
 
 
 def _paths(p: dict) -> dict:
@@ -69,9 +84,8 @@ def load_downstream(path: Path) -> DownstreamCTC:
 
 def ssl(params: dict) -> dict:
     """Pretrain the in-pipeline HuBERT upstream (iteration 1: MFCC k-means targets) when the study uses it."""
-    p, t0 = params["soft_tokens"], time.time()
+    p, t0 = _section(params), time.time()
     s, out, spec = p["ssl"], _paths(p)["upstream"], p["upstream"]
-    _threads()
     if upstream.check_kind(spec) == "hubert" and Path(spec["from"]) != out:
         raise ValueError(f"soft_tokens.upstream.from is {spec['from']!r}, but the pipeline HuBERT is written to "
                          f"{out}: with kind hubert, set from: {out}")
@@ -144,7 +158,7 @@ def probe_layers(params: dict, up: upstream.Upstream, every: list[dict]) -> dict
     """Which layer carries the most about the words: per layer, a shallow character-CTC probe (the
     downstream model with ``probe.model``) trained on ``probe.data.train`` by the one trainer and scored
     on ``probe.data.dev``; the layer of the lowest dev CER is chosen."""
-    p = params["soft_tokens"]
+    p = _section(params)
     pr = p["probe"]
     layers = pr.get("layers") or list(range(up.n_layers + 1))
     up.check_layers(layers, "probe.layers")
@@ -176,8 +190,7 @@ def probe_layers(params: dict, up: upstream.Upstream, every: list[dict]) -> dict
 
 def layer(params: dict) -> dict:
     """Frames of the chosen upstream layer for every set the downstream trains, tunes or is tested on."""
-    p, t0 = params["soft_tokens"], time.time()
-    _threads()
+    p, t0 = _section(params), time.time()
     paths, spec = _paths(p), p["upstream"]
     fs = FeatureStore(params["features"]["out_dir"])
     every = list(fs.rows.values())
@@ -206,8 +219,7 @@ def layer(params: dict) -> dict:
 
 def kmeans(params: dict) -> dict:
     """Centroids of the layer's train frames for each K (the paper's tokenizer), saved as ``k<K>.npy``."""
-    p, t0 = params["soft_tokens"], time.time()
-    _threads()
+    p, t0 = _section(params), time.time()
     paths, km = _paths(p), p["kmeans"]
     train_set = LayerSet(paths["layer"], "train")
     frames = torch.cat(train_set.frames).float().numpy()
@@ -246,8 +258,7 @@ def systems(p: dict) -> list[dict]:
 
 
 def train_downstream(params: dict) -> dict:
-    p, t0 = params["soft_tokens"], time.time()
-    _threads()
+    p, t0 = _section(params), time.time()
     paths, d = _paths(p), p["downstream"]
     data = LayerSet(paths["layer"], "train")
     soft_tau = d.get("train_soft_tau")

@@ -28,7 +28,7 @@ from asrlab import evaluation, tracking
 from asrlab.evaluation import write_hypotheses
 from asrlab.io import stable_hash, write_json, write_text
 from asrlab.ssl.layerdata import LayerSet
-from asrlab.stages.soft_tokens import _paths, _threads, load_centroids, load_downstream, systems
+from asrlab.stages.soft_tokens import _paths, _section, load_centroids, load_downstream, systems
 from asrlab.sweep import run_study
 
 FLOOR_CER = 70.0
@@ -52,8 +52,7 @@ def _models(p: dict, k: int) -> list:
 
 
 def sweep(params: dict) -> dict:
-    p, t0 = params["soft_tokens"], time.time()
-    _threads()
+    p, t0 = _section(params), time.time()
     sw, paths = p["sweep"], _paths(p)
     lo, hi = sw["tau_range"]
     metric = sw.get("metric", "wer")
@@ -105,8 +104,7 @@ def phones(params: dict) -> dict:
     from asrlab.audio.phones import row_labels
     from asrlab.methods.soft_tokens import hard_assign, phone_alignment, phone_separability, soft_assign
 
-    p, t0 = params["soft_tokens"], time.time()
-    _threads()
+    p, t0 = _section(params), time.time()
     paths, ph = _paths(p), p["phones"]
     unknown = [c for c in ph["sets"] if c not in p["sets"]["test"]]
     if unknown:
@@ -166,8 +164,7 @@ def phones(params: dict) -> dict:
 
 
 def evaluate(params: dict) -> dict:
-    p, t0 = params["soft_tokens"], time.time()
-    _threads()
+    p, t0 = _section(params), time.time()
     paths = _paths(p)
     res = paths["results"]
     taus = _read_json(res / "sweep.json")["conditions"]

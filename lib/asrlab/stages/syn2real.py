@@ -32,13 +32,13 @@ import torch
 import transformers
 
 from asrlab import evaluation, sweep, tracking
-from asrlab.params import threads
+from asrlab.params import Folder, checked
 from asrlab.audio.features import FeatureStore
 from asrlab.io import item_seed, stable_hash, write_json, write_jsonl
 from asrlab.methods.task_vectors import TaskVector
 from asrlab.models import store
 from asrlab.training.data import SpeechData, select
-from asrlab.training.trainer import TrainConfig, train
+from asrlab.training.trainer import TRAIN, TrainConfig, train
 
 
 # -- the plan -----------------------------------------------------------------------------------------------
@@ -51,6 +51,19 @@ class Run:
     train: dict = field(hash=False)
     seed: int = 0
     texts_of: tuple[str, ...] = ()  # restrict to the texts spoken in every one of these pools (same texts)
+
+
+_SAMPLE = {"max_utterances?": int, "seed?": int}
+SCHEMA = {"syn2real": {  # syn2real_report reads it too
+    "base": Folder, "models_dir": str, "vectors_dir": str, "results_dir": str, "targets": [str],
+    "leave_one_out?": bool, "real_pool": str, "synthetic_pools": [str], "pool_seeds?": {str: [int]},
+    "same_texts?": bool, "seeds": [int], "source_seeds": [int], "decoding": [str],
+    "eval": {"dev": _SAMPLE, "test": _SAMPLE, "max_frames": int, "window_max_frames": int, "max_new_tokens": int,
+             "speechocean762": {"corpus": str, "pool": str, "seeds": [int], **_SAMPLE}},
+    "finetune": {"source": TRAIN, "target": TRAIN, "target_lr_scale": float, "oracle_seeds": [int]},
+    "multi_source": {"groups": int, "pools": [str], "seeds": [int], "merge": str, "density": float, "train": TRAIN},
+    "sweep": {"trials": int, "lambda_range": [float], "enqueue": [float], "metric": str, "decoding": str,
+              "sampler_seed": int, "startup_trials": int}}}
 
 
 def source_sets(p: dict, scenarios: list[str]) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
@@ -132,8 +145,7 @@ class Context:
     """What every stage reads: the base model's tokenizer, feature store, base model, and a cache of selected data."""
 
     def __init__(self, params: dict):
-        self.params, self.p = params, params["syn2real"]
-        torch.set_num_threads(threads())
+        self.params, self.p = params, checked(params, "syn2real", SCHEMA)
         transformers.utils.logging.disable_progress_bar()  # dozens of model loads: keep the log readable
         self.base_path = Path(self.p["base"])
         self.tok = store.tokenizer(self.base_path)  # every fine-tune keeps the vocabulary of the model it adapts

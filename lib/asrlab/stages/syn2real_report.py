@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 
 from asrlab.io import read_jsonl, write_json, write_text
+from asrlab.params import checked
+from asrlab.stages.syn2real import SCHEMA
 
 SYSTEMS = ("zero_shot", "source_real", "source_mix", "baseline", "syn2real", "syn2real_avg", "oracle")
 
@@ -155,7 +157,7 @@ TEST_SETS = {"target": "target real-proxy test", "speechocean762": "speechocean7
 
 
 def run(params: dict) -> dict:
-    p = params["syn2real"]
+    p = checked(params, "syn2real", SCHEMA)
     out = Path(p["results_dir"])
     evals = pd.DataFrame(read_jsonl(out / "evaluations.jsonl"))
     trials = pd.DataFrame(read_jsonl(out / "trials.jsonl"))

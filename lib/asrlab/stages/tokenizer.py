@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from asrlab.params import checked
 from asrlab.io import read_jsonl, write_json
 from asrlab.tokenizer import encode, load_tokenizer, save_tokenizer, train_tokenizer
 
 
+SCHEMA = {"tokenizer": {"vocab_size": int, "min_frequency?": int, "out_dir": str, "stats": str}}
+
+
 def run(params: dict) -> dict:
-    p = params["tokenizer"]
+    p = checked(params, "tokenizer", SCHEMA)
     prepared = Path(params["prepare"]["out_dir"])
     rows = read_jsonl(prepared / "lm.jsonl") + read_jsonl(prepared / "slurp.jsonl")
     texts = [r["text"] for r in rows if r["split"] == "train"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from asrlab.io import write_text
+from asrlab.io import make_readable, write_text
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -56,6 +56,7 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, op
     meta = {"step": step, "finished": finished, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
             "trainer": trainer_state}
     (tmp / "state.json").write_text(json.dumps(meta))
+    make_readable(tmp)  # safetensors writes 0600: the group may read a run's checkpoints (issue 18, item 7)
     for f in tmp.iterdir():  # data on disk before the rename makes it visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

@@ -14,6 +14,9 @@ from asrlab.text import char_ids
 from asrlab.tokenizer import encode
 
 SELECT_KEYS = {"corpus", "pools", "splits", "scenarios", "exclude_scenarios", "max_utterances", "seed"}
+# A data selection in params.yaml (exclude_scenarios is the code's: heldout_scenarios)
+SELECTION = {"corpus?": [str], "pools?": [str], "splits?": [str], "scenarios?": [str], "max_utterances?": int,
+             "seed?": int}
 
 
 def select(rows: list[dict], spec: dict) -> list[dict]:

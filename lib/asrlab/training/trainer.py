@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from asrlab.params import fields
 from asrlab.training.batching import bucket_batches, spec_augment
 from asrlab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -59,6 +60,8 @@ class TrainConfig:
     def __post_init__(self):
         check_precision(self.precision)
 
+
+TRAIN = fields(TrainConfig)  # a `train:` section of params.yaml: any TrainConfig field
 
 PRECISIONS = ("fp32", "bf16")
 
