@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from asrlab import workers
+from asrlab import reads, workers
 from asrlab.params import deep_merge, load_params, load_yaml
 
 STAGES = {  # command -> (module, function)
@@ -72,13 +72,21 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
             print(f"asrlab sweep: error: {e}", file=sys.stderr)
             return 2
+    recorder = None
     try:
         module, function = STAGES[args.command]
         os.environ["ASRLAB_STAGE"] = args.command  # MLflow runs record the DVC stage
-        getattr(importlib.import_module(f"asrlab.stages.{module}"), function)(load_params(args.params))
+        params = load_params(args.params)
+        if os.environ.get(reads.ENV):  # tests: note every param and file the stage reads (asrlab.reads)
+            recorder = reads.Recorder(params)
+            params = recorder.params
+        getattr(importlib.import_module(f"asrlab.stages.{module}"), function)(params)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         print(f"asrlab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if recorder is not None:
+            reads.write(recorder.stop(), os.environ[reads.ENV], args.command)
     return 0
 
 
