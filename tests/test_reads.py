@@ -88,3 +88,18 @@ def test_params_wrapper_is_a_dict_to_the_stage():
     log.clear()
     assert {**p["a"]["c"]} == {"d": 2} and log == {"a.c.d"}
     assert reads.plain(p) == {"a": {"b": 1, "c": {"d": 2}}, "e": [1, 2]} and type(reads.plain(p)["a"]) is dict
+
+
+def test_official_slurp_root_must_lie_in_the_declared_text_dir(make_params, tmp_path):
+    """dvc.yaml declares prepare.slurp.text_dir; a null official_root cannot be a dependency of its own."""
+    import pytest
+
+    from asrlab.stages import prepare
+
+    params = make_params()
+    (tmp_path / "official").mkdir()
+    params["prepare"]["slurp"]["official_root"] = str(tmp_path / "official")
+    with pytest.raises(ValueError, match=r"prepare\.slurp\.official_root .* not inside prepare\.slurp\.text_dir"):
+        prepare.check_params(params["prepare"])
+    params["prepare"]["slurp"]["text_dir"] = str(tmp_path)
+    prepare.check_params(params["prepare"])

@@ -73,7 +73,7 @@ class Study:
         # the LM folder's hash covers the tokenizer files it carries
         self.inputs_hash = stable_hash(tracking.file_hash(self.p["encoder_from"]), tracking.file_hash(self.p["lm_from"]),
                                        tracking.file_hash(Path(self.fs.dir) / "index.jsonl"), n=12)
-        self.ckpt_root = Path(self.params.get("checkpoints_dir", "checkpoints")) / "efin"
+        self.ckpt_root = Path(self.params["checkpoints_dir"]) / "efin"
 
     def _aed(self) -> AEDModel:
         return store.load(self.p["encoder_from"])[1]

@@ -60,7 +60,7 @@ def split_rows(rows: list[dict], p: dict) -> dict[str, list[dict]]:
         if not pool:
             raise ValueError(f"hdmole.domains: no utterance with accent {dom!r} in pools {d['accent_pools']}")
         for split in SPLITS:
-            if dom == "mandarin" or all(r["corpus"] == "speechocean762" for r in pool):
+            if all(r["corpus"] == "speechocean762" for r in pool):  # its accent domain (mandarin): no dev split
                 src = "test" if split == "test" else "train"
                 keep = [r for r in pool if r["split"] == src
                         and (split == "test" or (r["speaker"] in dev_speakers) == (split == "dev"))]
@@ -266,7 +266,7 @@ def fit(ctx: Context, name: str, system: dict, tuned: dict | None, seed: int, st
     data = ctx.train_set()
     tcfg = dataclasses.replace(_train_cfg(ctx.p, system, tuned, seed, steps), freeze=freeze, unfreeze=unfreeze)
     # keyed by the base folder, which holds the tokenizer too
-    ckpt = Path(ctx.params.get("checkpoints_dir", "checkpoints")) / "hdmole" / stable_hash(
+    ckpt = Path(ctx.params["checkpoints_dir"]) / "hdmole" / stable_hash(
         name, system, tuned if system.get("tuned") else None, dataclasses.asdict(tcfg),
         dataclasses.asdict(cfg) if cfg else None, ctx.p["lora_targets"], ctx.domains, ctx.max_tokens,
         tracking.file_hash(ctx.p["base"]), tracking.file_hash(ctx.cache / "train"), n=12)

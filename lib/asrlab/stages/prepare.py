@@ -34,6 +34,11 @@ def check_params(p: dict) -> dict:
     check_keys(p["slurp"], "prepare.slurp", {"text_dir": str, "lm_text": str, "split": dict}, {"official_root": str})
     check_keys(p["tagger"], "prepare.tagger", {"C": float, "path": str})
     check_keys(p["speechocean"], "prepare.speechocean", {}, {"dir": str, "max_per_split": int})  # dir null: tests only
+    root, text_dir = p["slurp"].get("official_root"), p["slurp"]["text_dir"]
+    if root and Path(root).exists() and not Path(root).resolve().is_relative_to(Path(text_dir).resolve()):
+        # dvc.yaml declares text_dir, the one SLURP folder (a null official_root cannot be a DVC dependency)
+        raise ValueError(f"prepare.slurp.official_root {root} is not inside prepare.slurp.text_dir {text_dir}, the "
+                         "SLURP folder dvc.yaml declares: set text_dir to the official release's folder too")
     return p
 
 

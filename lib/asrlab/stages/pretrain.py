@@ -52,7 +52,7 @@ def _ckpt_dir(params: dict, stage: str) -> Path:
     inputs += [tracking.file_hash(p[k]) for k in ("init_from", "encoder_from", "lm_from") if p.get(k)]
     if p.get("cache_encoder"):
         inputs.append(tracking.file_hash(Path(params["encoder_states"]["out_dir"]) / "index.jsonl"))
-    return Path(params.get("checkpoints_dir", "checkpoints")) / stage / stable_hash(p, inputs, n=12)
+    return Path(params["checkpoints_dir"]) / stage / stable_hash(p, inputs, n=12)
 
 
 def _check_model_folders(p: dict, stage: str) -> None:

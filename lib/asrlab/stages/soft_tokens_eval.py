@@ -74,7 +74,7 @@ def sweep(params: dict) -> dict:
 
             study = run_study(f"soft_tokens-{cond}-k{k}-{inputs}", objective, sw["n_trials"],
                               experiment="soft_tokens_sweep", run_prefix=f"{cond}-k{k}", seed=sw.get("seed", 0),
-                              startup_trials=10, show_progress=False,
+                              startup_trials=sw["startup_trials"], show_progress=False,
                               enqueue=[{"tau": float(t)} for t in np.geomspace(lo, hi, sw["grid_points"])],
                               run_params={"k": k, "set": f"dev_{cond}", "top_k": sw.get("top_k"),
                                           "seeds": len(models)})
