@@ -103,3 +103,18 @@ def test_official_slurp_root_must_lie_in_the_declared_text_dir(make_params, tmp_
         prepare.check_params(params["prepare"])
     params["prepare"]["slurp"]["text_dir"] = str(tmp_path)
     prepare.check_params(params["prepare"])
+
+
+def test_a_folder_the_stage_creates_is_its_own(tmp_path, monkeypatch):
+    import tempfile
+
+    (tmp_path / "models/old").mkdir(parents=True)
+    (tmp_path / "models/old/a.txt").write_text("a")
+    monkeypatch.chdir(tmp_path)
+    rec = reads.Recorder({})
+    staging = tempfile.mkdtemp(prefix=".out.", dir="models")  # as a stage stages its output
+    (tmp_path / staging / "b.txt").write_bytes(b"b")  # written natively, say: no open() event
+    open(f"{staging}/b.txt").read()
+    (tmp_path / "models/old").mkdir(exist_ok=True)  # an existing folder is not the stage's
+    open("models/old/a.txt").read()
+    assert rec.stop()["files"] == [str(tmp_path / "models/old/a.txt")]

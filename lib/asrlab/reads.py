@@ -13,8 +13,9 @@ a JSON encoding or pickle of the dict); a key looked up that is not there (the c
 default, which DVC cannot see change); ``k in p``. Iterating over a dict's keys alone is not (a new key
 changes nothing until it is read). What counts as a read of a file: a Python ``open`` for reading, a
 directory listing, and the native loaders that bypass ``open`` (safetensors, the project tokenizer),
-which are wrapped here to raise the same audit event. Files the stage wrote earlier in the run are not
-reads. Worker processes (render, features) are not followed: their parents read the manifests.
+which are wrapped here to raise the same audit event. Files the stage wrote earlier in the run, and
+anything in a folder it created (a staging copy of its output), are not reads. Worker processes (render,
+features) are not followed: their parents read the manifests.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class Recorder:
         self.keys: set[str] = set()
         self.files: set[str] = set()
         self.written: set[str] = set()
+        self.made: list[str] = []  # folders the stage created (its staging copies): nothing read there is a read
         self.roots = [self.root / d for d in REPO_DIRS] + sorted(_paths_named(params, self.root))
         self.params = Params(params, self.keys)
         self.active = True
@@ -151,7 +153,7 @@ class Recorder:
         sys.addaudithook(self._hook)
 
     def _hook(self, event: str, args: tuple) -> None:
-        if not self.active or event not in ("open", "os.listdir", "os.scandir"):
+        if not self.active or event not in ("open", "os.listdir", "os.scandir", "os.mkdir"):
             return
         path = args[0]
         if isinstance(path, bytes):
@@ -159,13 +161,18 @@ class Recorder:
         if not isinstance(path, (str, os.PathLike)):
             return  # a file descriptor
         path = os.path.abspath(path)
+        if event == "os.mkdir":
+            if not os.path.exists(path):
+                self.made.append(path + os.sep)
+            return
         if event == "open":
             mode, flags = args[1], args[2]
             writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & (os.O_WRONLY | os.O_RDWR))
             if writes:
                 self.written.add(path)
                 return
-        if path in self.written or not any(Path(path).is_relative_to(r) for r in self.roots):
+        if path in self.written or path.startswith(tuple(self.made)) or not any(
+                Path(path).is_relative_to(r) for r in self.roots):
             return
         self.files.add(path)
 

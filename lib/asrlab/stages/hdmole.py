@@ -161,8 +161,8 @@ def cache(params: dict) -> dict:
         rows = [r for r in rows if r["frames"] <= encoder.max_frames]
         states, offsets = [], [0]
         with torch.no_grad():
-            for i in range(0, len(rows), 16):
-                chunk = rows[i: i + 16]
+            for i in range(0, len(rows), ctx.p["cache_batch"]):
+                chunk = rows[i: i + ctx.p["cache_batch"]]
                 feats, lens = pad_features([fs.load(r["id"]) for r in chunk])
                 enc = encoder(feats, lens)
                 for h, n in zip(enc.hidden, enc.lengths):
