@@ -118,3 +118,16 @@ def test_a_folder_the_stage_creates_is_its_own(tmp_path, monkeypatch):
     (tmp_path / "models/old").mkdir(exist_ok=True)  # an existing folder is not the stage's
     open("models/old/a.txt").read()
     assert rec.stop()["files"] == [str(tmp_path / "models/old/a.txt")]
+
+
+def test_dataclass_asdict_of_params_is_a_read_of_all_it_copies():
+    from dataclasses import asdict, dataclass
+
+    @dataclass
+    class Run:
+        train: dict
+
+    log: set = set()
+    p = reads.Params({"train": {"lr": 1, "steps": {"max": 2}}}, log)
+    assert asdict(Run(p["train"])) == {"train": {"lr": 1, "steps": {"max": 2}}}
+    assert log == {"train.lr", "train.steps.max"}

@@ -38,10 +38,11 @@ class Params(dict):
 
     __slots__ = ("_log", "_path")
 
-    def __init__(self, data: dict, log: set, path: str = ""):
+    def __init__(self, data=(), log: set | None = None, path: str = ""):
+        # Without a log (type(p)(pairs): dataclasses.asdict copies so), a copy whose values were read already.
         super().__init__()
-        self._log, self._path = log, path
-        for k, v in data.items():
+        self._log, self._path = set() if log is None else log, path
+        for k, v in dict(data).items():
             dict.__setitem__(self, k, self._wrap(k, v))
 
     def _wrap(self, key, value):
