@@ -131,3 +131,21 @@ def test_dataclass_asdict_of_params_is_a_read_of_all_it_copies():
     p = reads.Params({"train": {"lr": 1, "steps": {"max": 2}}}, log)
     assert asdict(Run(p["train"])) == {"train": {"lr": 1, "steps": {"max": 2}}}
     assert log == {"train.lr", "train.steps.max"}
+
+
+def _read(path: str) -> str:
+    return open(path).read()
+
+
+def test_reads_of_forked_workers_are_collected(tmp_path, monkeypatch):
+    from multiprocessing import get_context
+
+    (tmp_path / "data").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / f"data/{name}.txt").write_text(name)
+    monkeypatch.chdir(tmp_path)
+    rec = reads.Recorder({}, spool=tmp_path / "spool")
+    with get_context("fork").Pool(2) as pool:
+        assert pool.map(_read, ["data/a.txt", "data/b.txt"]) == ["a", "b"]
+    assert rec.stop()["files"] == [str(tmp_path / "data/a.txt"), str(tmp_path / "data/b.txt")]
+    assert not (tmp_path / "spool").exists()

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["ASRLAB_STAGE"] = args.command  # MLflow runs record the DVC stage
         params = load_params(args.params)
         if os.environ.get(reads.ENV):  # tests: note every param and file the stage reads (asrlab.reads)
-            recorder = reads.Recorder(params)
+            recorder = reads.Recorder(params, spool=Path(os.environ[reads.ENV]) / f".{args.command}.workers")
             params = recorder.params
         getattr(importlib.import_module(f"asrlab.stages.{module}"), function)(params)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:

@@ -14,8 +14,8 @@ default, which DVC cannot see change); ``k in p``. Iterating over a dict's keys 
 changes nothing until it is read). What counts as a read of a file: a Python ``open`` for reading, a
 directory listing, and the native loaders that bypass ``open`` (safetensors, the project tokenizer),
 which are wrapped here to raise the same audit event. Files the stage wrote earlier in the run, and
-anything in a folder it created (a staging copy of its output), are not reads. Worker processes (render,
-features) are not followed: their parents read the manifests.
+anything in a folder it created (a staging copy of its output), are not reads. Forked worker processes
+(render, features) inherit the hook and append their reads to a spool the stage's process collects.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import functools
 import importlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -138,8 +139,10 @@ class Recorder:
     """Records one stage's reads from construction to :meth:`stop` (an audit hook cannot be removed, so it
     goes quiet instead)."""
 
-    def __init__(self, params: dict, root: str | Path = "."):
+    def __init__(self, params: dict, root: str | Path = ".", spool: str | Path | None = None):
         self.root = Path(os.path.abspath(root))
+        self.spool = Path(os.path.abspath(spool)) if spool else None  # forked workers append their reads here
+        self.child = False
         self.keys: set[str] = set()
         self.files: set[str] = set()
         self.written: set[str] = set()
@@ -152,6 +155,10 @@ class Recorder:
             if not hasattr(getattr(mod, name), "__wrapped__"):
                 setattr(mod, name, _audited(getattr(mod, name)))
         sys.addaudithook(self._hook)
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        self.child = True
 
     def _hook(self, event: str, args: tuple) -> None:
         if not self.active or event not in ("open", "os.listdir", "os.scandir", "os.mkdir"):
@@ -175,10 +182,22 @@ class Recorder:
         if path in self.written or path.startswith(tuple(self.made)) or not any(
                 Path(path).is_relative_to(r) for r in self.roots):
             return
+        if self.child and self.spool and path not in self.files:
+            self.active = False  # this open is the recorder's own
+            try:
+                self.spool.mkdir(parents=True, exist_ok=True)
+                with open(self.spool / f"{os.getpid()}.txt", "a") as f:
+                    f.write(path + "\n")
+            finally:
+                self.active = True
         self.files.add(path)
 
     def stop(self) -> dict:
         self.active = False
+        if self.spool and self.spool.is_dir():
+            for f in self.spool.glob("*.txt"):
+                self.files.update(f.read_text().splitlines())
+            shutil.rmtree(self.spool)
         return {"params": sorted(self.keys), "files": sorted(self.files)}
 
 
