@@ -116,8 +116,11 @@ class Context:
         self.domains = list(self.p["domains"])
         self.cache = Path(self.p["cache_dir"])
         self.results = Path(self.p["results_dir"])
-        self.max_tokens = params["pretrain_llm_asr"]["max_tokens"]
         self._sets: dict[str, CachedSet] = {}
+
+    @property
+    def max_tokens(self) -> int:  # read where used: hdmole_cache does not, and does not declare it
+        return self.params["pretrain_llm_asr"]["max_tokens"]
 
     def base(self):
         return store.load(self.p["base"])[1]
