@@ -13,6 +13,7 @@ import pytest
 import yaml
 from asrlab.params import load_yaml  # YAML 1.2 floats, as DVC reads params
 
+from asrlab import reads
 from ci_policy import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,11 +21,12 @@ SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
 BIN = Path(sys.executable).parent
 
 pytestmark = [pytest.mark.slow, pytest.mark.tts]
+READS = ".asrlab-reads"  # in the smoke copy: <stage>.json, what each stage read (asrlab.reads)
 
 
-def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def run(cmd: list[str], cwd: Path, **extra_env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", **extra_env}
     env.pop("MLFLOW_TRACKING_URI", None)  # the copy's own embedded store
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -66,7 +68,7 @@ def smoke_repo(tmp_path_factory):
     params["prepare"]["slurp"]["lm_text"] = str(SHARED_DATA / "slurp" / "lm.txt")
     params["prepare"]["speechocean"]["dir"] = str(SHARED_DATA / "speechocean762")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["dvc", "repro"], repo)
+    run(["dvc", "repro"], repo, **{reads.ENV: str(repo / READS)})  # each stage notes what it reads
     shutil.rmtree(repo / "checkpoints")  # resume state of finished runs (GBs); no test reads it
     yield repo
     shutil.rmtree(repo, ignore_errors=True)
@@ -178,6 +180,21 @@ def test_smoke_repro_runs_the_syn2real_study(smoke_repo: Path):
 def test_syn2real_notebook_rebuilds_the_table_from_mlflow(smoke_repo: Path, monkeypatch):
     outputs = executed_notebook_outputs("syn2real", smoke_repo, monkeypatch, smoke_repo)
     assert "table.csv matches the MLflow runs" in outputs
+
+
+def test_every_stage_declares_what_it_reads(smoke_repo: Path):
+    """Declared = read (issue 18): every stage of the smoke repro ran in its `asrlab <stage>` process with the
+    recorder on; each param key and data file it read must be declared in its dvc.yaml entry (as DVC resolved
+    it in dvc.lock): a param or a dotted prefix of it, a file under a dep or one of the stage's outs."""
+    lock = yaml.safe_load((smoke_repo / "dvc.lock").read_text())["stages"]
+    command = {s: v["cmd"].removeprefix("asrlab ") for s, v in lock.items()}  # lock names may be foreach@keys
+    assert all(c.isidentifier() for c in command.values()), command  # one `asrlab <stage>` process each
+    recorded = {p.stem: json.loads(p.read_text()) for p in (smoke_repo / READS).glob("*.json")}
+    assert set(recorded) == set(command.values())
+    missing = {s: reads.undeclared(recorded[command[s]], *reads.declarations(lock[s]), smoke_repo)
+               for s in sorted(lock)}
+    assert not any(missing.values()), "reads not declared in dvc.yaml:\n" + "\n".join(
+        f"  {s}: {', '.join(m)}" for s, m in missing.items() if m)
 
 
 def test_second_repro_is_a_noop(smoke_repo: Path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from asrlab import workers
+from asrlab import reads, workers
 from asrlab.params import TOP, checked, deep_merge, load_params, load_yaml, set_threads
 
 STAGES = {  # command -> (module, function)
@@ -115,16 +115,23 @@ def main(argv: list[str] | None = None) -> int:
         except errors as e:
             print(f"asrlab sweep: error: {_message(e)}", file=sys.stderr)
             return 2
+    recorder = None
     try:
         module, function = STAGES[args.command]
         os.environ["ASRLAB_STAGE"] = args.command  # MLflow runs record the DVC stage
         params = load_params(args.params)
         stage = getattr(importlib.import_module(f"asrlab.stages.{module}"), function)
-        set_threads(params)
+        set_threads(params)  # how fast, not what: no stage declares `threads`
+        if os.environ.get(reads.ENV):  # tests: note every param and file the stage reads (asrlab.reads)
+            recorder = reads.Recorder(params, spool=Path(os.environ[reads.ENV]) / f".{args.command}.workers")
+            params = recorder.params
         stage(params)
     except errors as e:
         print(f"asrlab {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
+    finally:
+        if recorder is not None:
+            reads.write(recorder.stop(), os.environ[reads.ENV], args.command)
     return 0
 
 

@@ -80,7 +80,7 @@ class Study:
         # the LM folder's hash covers the tokenizer files it carries
         self.inputs_hash = stable_hash(tracking.file_hash(self.p["encoder_from"]), tracking.file_hash(self.p["lm_from"]),
                                        tracking.file_hash(Path(self.fs.dir) / "index.jsonl"), n=12)
-        self.ckpt_root = Path(self.params.get("checkpoints_dir", "checkpoints")) / "efin"
+        self.ckpt_root = Path(self.params["checkpoints_dir"]) / "efin"
 
     def _aed(self) -> AEDModel:
         return store.load(self.p["encoder_from"])[1]
@@ -124,8 +124,8 @@ class Study:
         """WER and CER (greedy decoding) and the teacher-forced token loss of every evaluation set."""
         out = {}
         for name, data in self.eval_sets.items():
-            ev = evaluation.evaluate(model.llm, data, self.tok, max_new_tokens=self.p["max_new_tokens"], group_keys=(),
-                                     progress=False)
+            ev = evaluation.evaluate(model.llm, data, self.tok, max_frames=self.p["decode_max_frames"],
+                                     max_new_tokens=self.p["max_new_tokens"], group_keys=(), progress=False)
             out[f"{name}_wer"], out[f"{name}_cer"] = ev.wer, ev.cer
             out[f"{name}_loss"] = round(token_loss(model.llm, data, self.p["train"]["max_frames"]), 4)
         return out

@@ -60,7 +60,7 @@ def split_rows(rows: list[dict], p: dict) -> dict[str, list[dict]]:
         if not pool:
             raise ValueError(f"hdmole.domains: no utterance with accent {dom!r} in pools {d['accent_pools']}")
         for split in SPLITS:
-            if dom == "mandarin" or all(r["corpus"] == "speechocean762" for r in pool):
+            if all(r["corpus"] == "speechocean762" for r in pool):  # its accent domain (mandarin): no dev split
                 src = "test" if split == "test" else "train"
                 keep = [r for r in pool if r["split"] == src
                         and (split == "test" or (r["speaker"] in dev_speakers) == (split == "dev"))]
@@ -127,8 +127,11 @@ class Context:
         self.domains = list(self.p["domains"])
         self.cache = Path(self.p["cache_dir"])
         self.results = Path(self.p["results_dir"])
-        self.max_tokens = params["pretrain_llm_asr"]["max_tokens"]
         self._sets: dict[str, CachedSet] = {}
+
+    @property
+    def max_tokens(self) -> int:  # read where used: hdmole_cache does not, and does not declare it
+        return self.params["pretrain_llm_asr"]["max_tokens"]
 
     def base(self):
         return store.load(self.p["base"])[1]
@@ -172,8 +175,8 @@ def cache(params: dict) -> dict:
         rows = [r for r in rows if r["frames"] <= encoder.max_frames]
         states, offsets = [], [0]
         with torch.no_grad():
-            for i in range(0, len(rows), 16):
-                chunk = rows[i: i + 16]
+            for i in range(0, len(rows), ctx.p["cache_batch"]):
+                chunk = rows[i: i + ctx.p["cache_batch"]]
                 feats, lens = pad_features([fs.load(r["id"]) for r in chunk])
                 enc = encoder(feats, lens)
                 for h, n in zip(enc.hidden, enc.lengths):
@@ -278,7 +281,7 @@ def fit(ctx: Context, name: str, system: dict, tuned: dict | None, seed: int, st
     data = ctx.train_set()
     tcfg = dataclasses.replace(_train_cfg(ctx.p, system, tuned, seed, steps), freeze=freeze, unfreeze=unfreeze)
     # keyed by the base folder, which holds the tokenizer too
-    ckpt = Path(ctx.params.get("checkpoints_dir", "checkpoints")) / "hdmole" / stable_hash(
+    ckpt = Path(ctx.params["checkpoints_dir"]) / "hdmole" / stable_hash(
         name, system, tuned if system.get("tuned") else None, dataclasses.asdict(tcfg),
         dataclasses.asdict(cfg) if cfg else None, ctx.p["lora_targets"], ctx.domains, ctx.max_tokens,
         tracking.file_hash(ctx.p["base"]), tracking.file_hash(ctx.cache / "train"), n=12)

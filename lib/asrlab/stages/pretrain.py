@@ -53,7 +53,7 @@ def _ckpt_dir(params: dict, stage: str) -> Path:
     inputs += [tracking.file_hash(p[k]) for k in ("init_from", "encoder_from", "lm_from") if p.get(k)]
     if p.get("cache_encoder"):
         inputs.append(tracking.file_hash(Path(params["encoder_states"]["out_dir"]) / "index.jsonl"))
-    return Path(params.get("checkpoints_dir", "checkpoints")) / stage / stable_hash(p, inputs, n=12)
+    return Path(params["checkpoints_dir"]) / stage / stable_hash(p, inputs, n=12)
 
 
 # A pretrained model named in params (init_from, encoder_from, lm_from) must be a local folder (Folder):
@@ -102,10 +102,10 @@ def _speech(params: dict, stage: str, tok, max_frames: int, max_tokens: int, cha
     return train_data, dev_data
 
 
-def _dev_eval(model, dev, tok, methods: list[str], precision: str = "fp32") -> dict:
-    out = {}
+def _dev_eval(p: dict, model, dev, tok, methods: list[str]) -> dict:
+    out, precision = {}, p["train"].get("precision", "fp32")
     for m in methods:
-        result = evaluate(model, dev, tok, method=m, run_name=f"dev ({m})", precision=precision)
+        result = evaluate(model, dev, tok, method=m, run_name=f"dev ({m})", precision=precision, **p["dev_decode"])
         out[f"dev_{m}_wer"], out[f"dev_{m}_cer"] = result.wer, result.cer
         out[f"dev_{m}_utt_per_s"] = round(len(dev) / result.seconds, 1)
     return out
@@ -124,7 +124,7 @@ def _dev_curve(p: dict, model, dev, tok, method: str, curve: list, swap=None):
         if not every or step % every or step >= p["train"]["max_steps"] or not _is_main():
             return  # the final step's decode is the stage's own dev evaluation
         with swap() if swap else contextlib.nullcontext():
-            r = evaluate(model, dev, tok, method=method, precision=precision, progress=False)
+            r = evaluate(model, dev, tok, method=method, precision=precision, progress=False, **p["dev_decode"])
         curve.append([step, r.wer, r.cer])
         _log(step, {f"dev_{method}_wer": r.wer, f"dev_{method}_cer": r.cer})
     return on_step
@@ -165,7 +165,7 @@ def _aed(params: dict, stage: str) -> dict:
             return summary
         summary.update(train_utterances=len(train_data), train_hours=round(sum(train_data.lengths) / 360000, 2))
         methods = ["attention", "ctc"] if model.ctc_weight > 0 else ["attention"]
-        summary.update(_dev_eval(model, dev, tok, methods, p["train"].get("precision", "fp32")))
+        summary.update(_dev_eval(p, model, dev, tok, methods))
         summary["dev_curve"] = curve + [[summary["steps"], summary["dev_attention_wer"], summary["dev_attention_cer"]]]
         return _finish(params, stage, model, "aed", cfg, summary, t0, tok)
 
@@ -208,8 +208,8 @@ def pretrain_lm(params: dict) -> dict:
     rows = [r for name in p["text"] for r in read_jsonl(prepared / f"{name}.jsonl")
             if r["split"] == "train" and r.get("scenario") not in heldout]
     texts = [encode(tok, r["text"]) for r in rows]
-    cfg = store.llm_asr_config(params["pretrain_llm_asr"]["model"], len(tok))
-    from asrlab.models.llm_asr import build_lm
+    from asrlab.models.llm_asr import LLMASRConfig, LMConfig, build_lm
+    cfg = LLMASRConfig(len(tok), lm=LMConfig(**params["pretrain_llm_asr"]["model"]["lm"]))  # the LM part alone
     lm = build_lm(cfg)
     objective = CausalLMObjective(lm, cfg.bos_id, cfg.eos_id, cfg.pad_id)
 
@@ -265,6 +265,6 @@ def pretrain_llm_asr(params: dict) -> dict:
         if not _is_main():
             return summary
         summary.update(train_utterances=len(train_data))
-        summary.update(_dev_eval(model, dev, tok, ["attention"], p["train"].get("precision", "fp32")))
+        summary.update(_dev_eval(p, model, dev, tok, ["attention"]))
         summary["dev_curve"] = curve + [[summary["steps"], summary["dev_attention_wer"], summary["dev_attention_cer"]]]
         return _finish(params, stage, model, "llm_asr", cfg, summary, t0, tok)

@@ -124,7 +124,7 @@ def ssl(params: dict) -> dict:
             x[j, : lengths[i]], y[j, : lengths[i]] = frames[i].float(), targets[i][: lengths[i]]
         return {"frames": x, "frame_lengths": torch.tensor([lengths[i] for i in idx]), "targets": y}
 
-    ckpt = Path(params.get("checkpoints_dir", "checkpoints")) / "soft_tokens_ssl" / stable_hash(
+    ckpt = Path(params["checkpoints_dir"]) / "soft_tokens_ssl" / stable_hash(
         s, tracking.file_hash(Path(params["features"]["out_dir"]) / "index.jsonl"), n=12)
     with tracking.run(EXPERIMENT, "ssl", params={**s["train"], **{f"model.{k}": v for k, v in s["model"].items()}},
                       tags={"model_kind": "hubert_upstream"}):
@@ -171,7 +171,7 @@ def probe_layers(params: dict, up: upstream.Upstream, every: list[dict]) -> dict
         torch.manual_seed(pr["train"].get("seed", 0))
         model = DownstreamCTC(DownstreamConfig(input="features", feature_dim=int(data.frames[0].shape[1]),
                                                **pr["model"]))
-        ckpt = Path(params.get("checkpoints_dir", "checkpoints")) / "soft_tokens_probe" / stable_hash(
+        ckpt = Path(params["checkpoints_dir"]) / "soft_tokens_probe" / stable_hash(
             pr, p["upstream"], k, tracking.file_hash(Path(params["features"]["out_dir"]) / "index.jsonl"), n=12)
         with tracking.run(EXPERIMENT, f"probe-layer{k}", params={**pr["train"], "layer": k, "upstream": up.kind},
                           tags={"model_kind": "layer_probe"}):
@@ -277,7 +277,7 @@ def train_downstream(params: dict) -> dict:
         torch.manual_seed(sysm["seed"])
         model = DownstreamCTC(cfg)
         tcfg = TrainConfig.from_params({**d["train"], "seed": sysm["seed"]})
-        ckpt = Path(params.get("checkpoints_dir", "checkpoints")) / "soft_tokens_train" / (
+        ckpt = Path(params["checkpoints_dir"]) / "soft_tokens_train" / (
             sysm["name"] + "-" + stable_hash(d, p["kmeans"], layer_hash, n=12))
         with tracking.run(EXPERIMENT, f"train-{sysm['name']}", params={**d["train"], **sysm, "train_soft_tau": soft_tau},
                           tags={"model_kind": "downstream_ctc", "system": sysm["input"]}):

@@ -31,7 +31,6 @@ from asrlab.ssl.layerdata import LayerSet
 from asrlab.stages.soft_tokens import _paths, _section, load_centroids, load_downstream, systems
 from asrlab.sweep import run_study
 
-FLOOR_CER = 70.0
 DECODE_FRAMES = 20000  # padded frames per decoding batch
 
 
@@ -73,7 +72,7 @@ def sweep(params: dict) -> dict:
 
             study = run_study(f"soft_tokens-{cond}-k{k}-{inputs}", objective, sw["n_trials"],
                               experiment="soft_tokens_sweep", run_prefix=f"{cond}-k{k}", seed=sw.get("seed", 0),
-                              startup_trials=10, show_progress=False,
+                              startup_trials=sw["startup_trials"], show_progress=False,
                               enqueue=[{"tau": float(t)} for t in np.geomspace(lo, hi, sw["grid_points"])],
                               run_params={"k": k, "set": f"dev_{cond}", "top_k": sw.get("top_k"),
                                           "seeds": len(models)})
@@ -197,13 +196,13 @@ def evaluate(params: dict) -> dict:
         write_hypotheses(res / "hyps" / f"{cond}.tsv", [dict(zip(hyps, vals)) for vals in zip(*hyps.values())])
     table = summarise(pd.DataFrame(long))
     table.to_csv(res / "table.csv", index=False)
-    write_text(res / "table.md", table_markdown(table, taus))
+    write_text(res / "table.md", table_markdown(table, taus, p["floor_cer"]))
     plot_tau(taus, res / "wer_vs_tau.png")
     metrics = {"results": {f"{r.system}|{r.set}": {"wer_mean": r.wer_mean, "wer_std": r.wer_std,
                                                    "cer_mean": r.cer_mean, "cer_std": r.cer_std}
                            for r in table.itertuples()},
                "tau_star": {cond: {k: v["tau_star"] for k, v in ks.items()} for cond, ks in taus.items()},
-               "floor_sets": floor_sets(table), "wall_seconds": {}}
+               "floor_sets": floor_sets(table, p["floor_cer"]), "wall_seconds": {}}
     for stage in ("ssl", "layer", "kmeans", "train", "sweep", "phones"):
         f = res / f"{stage}.json"
         if f.is_file():
@@ -272,12 +271,12 @@ def summarise(long: pd.DataFrame) -> pd.DataFrame:
     return out.round(2).fillna({"wer_std": 0.0, "cer_std": 0.0})
 
 
-def floor_sets(table: pd.DataFrame) -> list[str]:
-    """Test sets where every system's mean CER is at the floor (≥ 70 %)."""
-    return [s for s, g in table.groupby("set", sort=False) if (g["cer_mean"] >= FLOOR_CER).all()]
+def floor_sets(table: pd.DataFrame, floor_cer: float) -> list[str]:
+    """Test sets where every system's mean CER is at the floor (≥ ``floor_cer`` %)."""
+    return [s for s, g in table.groupby("set", sort=False) if (g["cer_mean"] >= floor_cer).all()]
 
 
-def table_markdown(table: pd.DataFrame, taus: dict) -> str:
+def table_markdown(table: pd.DataFrame, taus: dict, floor_cer: float) -> str:
     sets = list(dict.fromkeys(table["set"]))
     systems_ = list(dict.fromkeys(table["system"]))
     cell = {(r.system, r.set): f"{r.wer_mean:.1f} ± {r.wer_std:.1f} / {r.cer_mean:.1f}" for r in table.itertuples()}
@@ -296,12 +295,12 @@ def table_markdown(table: pd.DataFrame, taus: dict) -> str:
                 parts.append(f"{t} {soft[0] - hard[0]:+.1f} / {soft[1] - hard[1]:+.1f} (soft − continuous "
                              f"{soft[0] - cont[0]:+.1f} / {soft[1] - cont[1]:+.1f})")
         notes.append(f"- {k}, soft − hard WER / CER points: " + "; ".join(parts))
-    floor = floor_sets(table)
+    floor = floor_sets(table, floor_cer)
     if floor:
-        notes.append(f"- At the floor (CER ≥ {FLOOR_CER:.0f} % for every system): {', '.join(floor)} — no comparison "
+        notes.append(f"- At the floor (CER ≥ {floor_cer:.0f} % for every system): {', '.join(floor)} — no comparison "
                      "there counts.")
     else:
-        notes.append(f"- No test set is at the floor (CER ≥ {FLOOR_CER:.0f} % for every system).")
+        notes.append(f"- No test set is at the floor (CER ≥ {floor_cer:.0f} % for every system).")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 

@@ -204,7 +204,7 @@ def finetune(params: dict) -> dict:
         data = ctx.data(run.pools, run.scenarios, "train", model, char_targets=model.ctc_units == "chars",
                         texts_of=run.texts_of)
         cfg = TrainConfig.from_params({**run.train, "seed": run.seed})
-        ckpt = Path(params.get("checkpoints_dir", "checkpoints")) / "syn2real" / stable_hash(
+        ckpt = Path(params["checkpoints_dir"]) / "syn2real" / stable_hash(
             asdict(run), ctx.inputs_hash, n=12)
         if run.init != "base":  # a fine-tune of an earlier run resumes only against that run's weights
             ckpt = ckpt.with_name(ckpt.name + "-" + tracking.file_hash(ctx.models_dir / run.init)[:8])
