@@ -100,9 +100,9 @@ def test_official_slurp_root_must_lie_in_the_declared_text_dir(make_params, tmp_
     (tmp_path / "official").mkdir()
     params["prepare"]["slurp"]["official_root"] = str(tmp_path / "official")
     with pytest.raises(ValueError, match=r"prepare\.slurp\.official_root .* not inside prepare\.slurp\.text_dir"):
-        prepare.check_params(params["prepare"])
+        prepare.check_params(params)
     params["prepare"]["slurp"]["text_dir"] = str(tmp_path)
-    prepare.check_params(params["prepare"])
+    prepare.check_params(params)
 
 
 def test_a_folder_the_stage_creates_is_its_own(tmp_path, monkeypatch):

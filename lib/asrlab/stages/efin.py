@@ -46,6 +46,7 @@ from asrlab.training.trainer import TRAIN, TrainConfig, train
 
 SCHEMA = {"efin": {  # efin_report reads it too; parse_strategies checks the strategies' values
     "results_dir": str, "encoder_from": Folder, "lm_from": Folder, "max_tokens": int, "max_new_tokens": int,
+    "decode_max_frames": int,
     "model": {"stack": int, "projector_hidden": int, "lora": fields(LoRASettings)},
     "data": SELECTION, "eval_sets": {str: SELECTION}, "fit_on": {"set": str, "metric": str}, "train": TRAIN,
     "budget_steps": [int], "heldout_steps": int, "overhead_batches": int, "stage3_train_encoder?": bool,

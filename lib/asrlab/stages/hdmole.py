@@ -86,7 +86,7 @@ SCHEMA = {"hdmole": {  # hdmole_report reads it too
     "base": Folder, "cache_dir": str, "models_dir": str, "results_dir": str, "domains": [str],
     "data": {"accent_pools": [str], "standard_pool": str, "dev_speakers": int, "train_per_domain": int,
              "dev_per_domain": int, "test_per_domain": int, "seed": int},
-    "seeds": [int], "decode_max_frames": int, "train": TRAIN, "lora_targets": [str],
+    "seeds": [int], "decode_max_frames": int, "cache_batch": int, "train": TRAIN, "lora_targets": [str],
     "mole": fields(MoLEConfig, "domains"),
     "systems": [{"name": str, "kind": str, "tuned?": bool, "lr?": float, **fields(MoLEConfig, "domains")}],
     "sweep": {"system": str, "trials": int, "startup_trials": int, "steps": int, "seed": int, "metric": str,

@@ -31,17 +31,19 @@ SCHEMA = {"prepare": {
     "speechocean": {"dir?": str, "max_per_split?": int}}}
 
 
-def _check_official_root(p: dict) -> None:
+def check_params(params: dict) -> dict:
+    """The `prepare` section checked whole, and official_root inside the SLURP folder dvc.yaml declares."""
+    p = checked(params, "prepare", SCHEMA)
     root, text_dir = p["slurp"].get("official_root"), p["slurp"]["text_dir"]
     if root and Path(root).exists() and not Path(root).resolve().is_relative_to(Path(text_dir).resolve()):
         # dvc.yaml declares text_dir, the one SLURP folder (a null official_root cannot be a DVC dependency)
         raise ValueError(f"prepare.slurp.official_root {root} is not inside prepare.slurp.text_dir {text_dir}, the "
                          "SLURP folder dvc.yaml declares: set text_dir to the official release's folder too")
+    return p
 
 
 def run(params: dict) -> dict:
-    p = checked(params, "prepare", SCHEMA)
-    _check_official_root(p)
+    p = check_params(params)
     t0 = time.time()
     out = Path(p["out_dir"])
     rejects: list[dict] = []

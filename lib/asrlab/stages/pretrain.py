@@ -59,13 +59,13 @@ def _ckpt_dir(params: dict, stage: str) -> Path:
 # A pretrained model named in params (init_from, encoder_from, lm_from) must be a local folder (Folder):
 # a missing one was HF's "Repo id must be in the form..." or, for encoder_from, a random frozen encoder.
 _AED = {"out_dir": str, "metrics": str, "init_from?": Folder, "dev_every?": int, "data": SELECTION, "dev": SELECTION,
-        "model": fields(AEDConfig, "vocab_size"), "train": TRAIN}
+        "dev_decode": {"max_frames": int, "max_new_tokens": int}, "model": fields(AEDConfig, "vocab_size"), "train": TRAIN}
 LLM_ASR_MODEL = fields(LLMASRConfig, "vocab_size", "lm_path")
 SCHEMA = {
     "pretrain_aed": _AED, "pretrain_scratch_aed": _AED,
     "pretrain_lm": {"out_dir": str, "metrics": str, "text": [str], "train": TRAIN},
     "pretrain_llm_asr": {"out_dir": str, "metrics": str, "encoder_from?": Folder, "lm_from?": Folder,
-                         "cache_encoder?": bool, "dev_every?": int, "max_tokens": int, "data": SELECTION,
+                         "cache_encoder?": bool, "dev_every?": int, "max_tokens": int, "data": SELECTION, "dev_decode": {"max_frames": int, "max_new_tokens": int},
                          "dev": SELECTION, "model": LLM_ASR_MODEL, "train": TRAIN},
 }
 

@@ -51,7 +51,9 @@ SCHEMA = {"soft_tokens": {  # soft_tokens_eval's stages read it too
     "sets": {"train": SELECTION, "dev": {str: SELECTION}, "test": {str: SELECTION}},
     "kmeans": {"ks": [int], "frames": int, "batch_size?": int, "max_iter?": int, "seed": int},
     "downstream": {"seeds": [int], "train_soft_tau?": float, "top_k?": int, "model": _DOWNSTREAM, "train": TRAIN},
-    "sweep": {"tau_range": [float], "grid_points": int, "n_trials": int, "metric?": str, "top_k?": int, "seed?": int},
+    "sweep": {"tau_range": [float], "grid_points": int, "n_trials": int, "metric?": str, "top_k?": int, "seed?": int,
+              "startup_trials": int},
+    "floor_cer": float,
     "phones": {"sets": [str], "max_utterances": int, "probe_max_iter": int}}}
 
 
