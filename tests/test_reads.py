@@ -149,3 +149,15 @@ def test_reads_of_forked_workers_are_collected(tmp_path, monkeypatch):
         assert pool.map(_read, ["data/a.txt", "data/b.txt"]) == ["a", "b"]
     assert rec.stop()["files"] == [str(tmp_path / "data/a.txt"), str(tmp_path / "data/b.txt")]
     assert not (tmp_path / "spool").exists()
+
+
+def test_checking_a_section_is_not_reading_it():
+    """Every stage validates its whole section first; only what the stage then takes counts as read."""
+    from asrlab.params import checked
+    from asrlab.reads import Params
+
+    log: set = set()
+    params = Params({"threads": None, "heldout_scenarios": ["weather"], "s": {"a": 1, "b": {"c": 2.0}}}, log)
+    section = checked(params, "s", {"s": {"a": int, "b": {"c": float}}}, top=("heldout_scenarios",))
+    assert log == set()
+    assert section["b"]["c"] == 2.0 and log == {"s.b.c"}

@@ -101,7 +101,7 @@ def check_keys(section_params: dict, name: str, required: dict, optional: dict |
     ``folders=False``: leave out the folders' existence (before ``dvc repro``, which writes them)."""
     schema = {**required, **{f"{k}?": v for k, v in (optional or {}).items()}}
     found: list[tuple[str, str]] = []
-    _check(section_params, name, schema, found)
+    _check(_unrecorded(section_params), name, schema, found)  # checking every key is not reading it
     for where, value in found if folders else ():  # after the whole section parsed: a typo elsewhere is reported first
         if not Path(value).is_dir():
             raise FileNotFoundError(
@@ -155,14 +155,24 @@ TOP = {"heldout_scenarios": [str], "threads": Maybe(int), "checkpoints_dir": str
 def checked(params: dict, name: str, schemas: dict, top: tuple[str, ...] = (), folders: bool = True) -> dict:
     """``params[name]`` checked against ``schemas[name]``, and the top-level params (those in ``top``
     required), before a stage reads or writes anything. Returns the section."""
+    top_level = _unrecorded(params)  # checking every key is not reading it (asrlab.reads)
     for key, spec in TOP.items():
-        if key in params:
-            _check(params[key], key, spec, [])
+        if key in top_level:
+            _check(top_level[key], key, spec, [])
         elif key in top:
-            near = difflib.get_close_matches(key, [str(k) for k in params], n=1)
+            near = difflib.get_close_matches(key, [str(k) for k in top_level], n=1)
             hint = f" (`{near[0]}` is not a param: misspelt?)" if near else ""
             raise KeyError(f"params.yaml: the top-level key `{key}` is missing{hint}; stage `{name}` reads it")
     return check_keys(section(params, name), name, schemas[name], folders=folders)
+
+
+def _unrecorded(value):
+    """``value`` as plain dicts, read past any recording dict subclass (``dict.items``, not its override)."""
+    if isinstance(value, dict):
+        return {k: _unrecorded(v) for k, v in dict.items(value)}
+    if isinstance(value, list):
+        return [_unrecorded(v) for v in value]
+    return value
 
 
 def busy_cores(seconds: float = 0.5) -> float:

@@ -179,7 +179,7 @@ class Recorder:
             if writes:
                 self.written.add(path)
                 return
-        if path in self.written or path.startswith(tuple(self.made)) or not any(
+        if path in self.written or (path + os.sep).startswith(tuple(self.made)) or not any(
                 Path(path).is_relative_to(r) for r in self.roots):
             return
         if self.child and self.spool and path not in self.files:
