@@ -267,6 +267,7 @@ def train_downstream(params: dict) -> dict:
     summary = {"train_utterances": len(data), "train_soft_tau": soft_tau, "models": {}}
     paths["downstream"].mkdir(parents=True, exist_ok=True)
     layer_hash = tracking.file_hash(paths["layer"] / "train.safetensors")
+    centroids_hash = tracking.file_hash(paths["centroids"])  # the inputs, not the kmeans params that made them
     for sysm in systems(p):
         t = time.time()
         if sysm["input"] == "features":
@@ -280,7 +281,7 @@ def train_downstream(params: dict) -> dict:
         model = DownstreamCTC(cfg)
         tcfg = TrainConfig.from_params({**d["train"], "seed": sysm["seed"]})
         ckpt = Path(params["checkpoints_dir"]) / "soft_tokens_train" / (
-            sysm["name"] + "-" + stable_hash(d, p["kmeans"], layer_hash, n=12))
+            sysm["name"] + "-" + stable_hash(d, centroids_hash, layer_hash, n=12))
         with tracking.run(EXPERIMENT, f"train-{sysm['name']}", params={**d["train"], **sysm, "train_soft_tau": soft_tau},
                           tags={"model_kind": "downstream_ctc", "system": sysm["input"]}):
             s = train(model, data.lengths, data.collate, tcfg, ckpt, on_log=_log, desc=sysm["name"])
