@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import os
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from asrlab import reads, workers
-from asrlab.params import TOP, checked, deep_merge, load_params, load_yaml, set_threads
+from asrlab.params import TOP, checked, deep_merge, load_params, load_yaml, set_threads, unknown_key
 
 STAGES = {  # command -> (module, function)
     "prepare": ("prepare", "run"), "render": ("render", "run"), "features": ("features", "run"),
@@ -57,12 +56,10 @@ def check_all(params: dict) -> list[str]:
     schemas = dict(workers.SCHEMA)
     for module in {m for m, _ in STAGES.values()}:
         schemas.update(getattr(importlib.import_module(f"asrlab.stages.{module}"), "SCHEMA", {}))
-    known = sorted({*schemas, *TOP})
+    known = {*schemas, *TOP}
     for key in params:
         if key not in known:
-            near = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean `{near[0]}`?" if near else f"; valid: {', '.join(known)}"
-            raise KeyError(f"params.yaml: unknown top-level key `{key}`{hint}")
+            raise unknown_key(key, known, f"top-level key `{key}`")
     for name in sorted(schemas):
         if name in params:
             checked(params, name, schemas, top=("heldout_scenarios",), folders=False)

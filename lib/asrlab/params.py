@@ -111,6 +111,13 @@ def check_keys(section_params: dict, name: str, required: dict, optional: dict |
     return section_params
 
 
+def unknown_key(key, known, what: str) -> KeyError:
+    """The error for a key no schema knows: ``what`` names it, the nearest valid name (or all) follows."""
+    near = difflib.get_close_matches(str(key), list(known), n=1)
+    hint = f"; did you mean `{near[0]}`?" if near else f"; valid keys: {', '.join(sorted(known))}"
+    return KeyError(f"params.yaml: unknown {what}{hint}")
+
+
 def _check(value, where: str, spec, folders: list) -> None:
     if isinstance(spec, Maybe):
         if value is not None:
@@ -131,9 +138,7 @@ def _check(value, where: str, spec, folders: list) -> None:
         known = {k.rstrip("?"): k for k in spec}
         for key in value:
             if key not in known:
-                near = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"; did you mean `{near[0]}`?" if near else f"; valid keys: {', '.join(sorted(known))}"
-                raise KeyError(f"params.yaml: unknown key `{key}` in section `{where}`{hint}")
+                raise unknown_key(key, known, f"key `{key}` in section `{where}`")
         for key, k in known.items():
             if key not in value and not k.endswith("?"):
                 raise KeyError(f"params.yaml: section `{where}` is missing the required key `{key}`")
